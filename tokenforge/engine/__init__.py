@@ -1,0 +1,1 @@
+"""Request state and scheduling: no CUDA, no HTTP."""

@@ -1,0 +1,138 @@
+"""EngineCore: owns the model runner, the scheduler and the detokenizers; one step at a time.
+
+Not thread-safe: one thread drives it (see async_engine for the asyncio front).
+"""
+
+import logging
+import time
+
+import torch
+
+from tokenforge.config import EngineConfig
+from tokenforge.engine.detokenizer import IncrementalDetokenizer
+from tokenforge.engine.kv_cache_manager import KVCacheManager
+from tokenforge.engine.outputs import RequestOutput
+from tokenforge.engine.request import Request, RequestStatus
+from tokenforge.engine.scheduler import Scheduler
+from tokenforge.errors import InvalidRequestError
+from tokenforge.model.loader import LoadedModel
+from tokenforge.sampling_params import SamplingParams
+from tokenforge.worker.memory import num_kv_blocks
+from tokenforge.worker.model_runner import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel, dtype: torch.dtype, device: torch.device):
+        self.config = config
+        self.arch = loaded.arch_config
+        self.tokenizer = loaded.tokenizer
+        block_size = config.cache.block_size
+        num_blocks = num_kv_blocks(config.cache, self.arch, dtype, device)
+        capacity = num_blocks * block_size
+        model_len = config.model.max_model_len or self.arch.max_position_embeddings
+        if model_len > self.arch.max_position_embeddings:
+            raise InvalidRequestError(
+                f"max_model_len {model_len} exceeds the model's context of {self.arch.max_position_embeddings}"
+            )
+        # One request alone must always fit in the cache, or preemption could never make room.
+        self.max_model_len = min(model_len, capacity)
+        if self.max_model_len < model_len:
+            logger.warning("KV cache holds %d tokens: max_model_len lowered from %d", capacity, model_len)
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB)", num_blocks, block_size,
+                    capacity, capacity * self.arch.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size()) / 2**20)
+        self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
+        self.runner = ModelRunner(loaded.model, self.arch, num_blocks, block_size, dtype, device)
+        self.detokenizers: dict[str, IncrementalDetokenizer] = {}
+        self.num_steps = 0
+
+    @property
+    def eos_token_id(self) -> int | None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            return self.tokenizer.eos_token_id
+        return self.arch.eos_token_id
+
+    def make_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Request:
+        """Validates a request against the model; raises InvalidRequestError for bad input."""
+        if not prompt_token_ids:
+            raise InvalidRequestError("the prompt is empty", param="prompt")
+        vocab = self.arch.vocab_size
+        if any(not 0 <= t < vocab for t in prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})", param="prompt")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise InvalidRequestError(
+                f"the prompt has {len(prompt_token_ids)} tokens; this model's context is {self.max_model_len} "
+                "tokens, and at least one must be left to generate",
+                param="messages",
+            )
+        params.validate_for_vocab(vocab)
+        return Request(request_id, list(prompt_token_ids), params, eos_token_id=self.eos_token_id)
+
+    def add_request(self, request: Request) -> None:
+        if self.tokenizer is not None:
+            self.detokenizers[request.request_id] = IncrementalDetokenizer(
+                self.tokenizer, request.prompt_token_ids, request.sampling_params
+            )
+        self.scheduler.add_request(request)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self.scheduler.finish_request(request_id, RequestStatus.FINISHED_ABORTED)
+        self.detokenizers.pop(request_id, None)
+        return None if request is None else self._output(request, [], "")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[RequestOutput]:
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
+            return []
+        sampled = self.runner.execute(scheduled)
+        updated = self.scheduler.update(scheduled, sampled)
+        self.num_steps += 1
+        return [self._process(request) for request in updated]
+
+    def _process(self, request: Request) -> RequestOutput:
+        """Detokenizes the request's new token and applies stop strings."""
+        new_token_ids = request.output_token_ids[-1:]
+        detokenizer = self.detokenizers.get(request.request_id)
+        text = ""
+        if detokenizer is not None:
+            stop = detokenizer.update(new_token_ids)
+            if stop is not None and not request.is_finished:
+                request.stop_reason = stop
+                self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
+            if request.is_finished:
+                if stop is None:
+                    detokenizer.finish()
+                del self.detokenizers[request.request_id]
+            text = detokenizer.take_delta()
+        return self._output(request, new_token_ids, text)
+
+    def _output(self, request: Request, new_token_ids: list[int], text: str) -> RequestOutput:
+        num_new = len(new_token_ids)
+        return RequestOutput(
+            request_id=request.request_id,
+            new_token_ids=new_token_ids,
+            new_text=text,
+            finished=request.is_finished,
+            finish_reason=request.finish_reason,
+            stop_reason=request.stop_reason,
+            num_prompt_tokens=request.num_prompt_tokens,
+            num_cached_tokens=request.num_cached_tokens or 0,
+            num_output_tokens=request.num_output_tokens,
+            new_logprobs=request.output_logprobs[-num_new:] if num_new and request.output_logprobs else [],
+        )
+
+    def stats(self) -> dict[str, float]:
+        kv = self.kv_cache_manager
+        queried = kv.num_prefix_queried_tokens
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_cache_usage": kv.usage,
+            "prefix_cache_hit_rate": kv.num_prefix_hit_tokens / queried if queried else 0.0,
+            "time": time.monotonic(),
+        }

@@ -1,0 +1,52 @@
+"""Builds an EngineCore from an EngineConfig: resolve the model, pick device and dtype, load."""
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from tokenforge.config import EngineConfig, default_cache_dir
+from tokenforge.engine.engine_core import EngineCore
+from tokenforge.errors import InvalidRequestError
+from tokenforge.model.catalog import shape_config
+from tokenforge.model.loader import load_model
+from tokenforge.model.pull import resolve_model
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidRequestError("device 'cuda' was asked for but no CUDA device is available")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """fp32 on CPU (no bf16 matmul hardware on common x86 servers), bf16 on GPU."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise InvalidRequestError(f"unknown dtype {name!r} (choose from {', '.join(_DTYPES)})") from None
+
+
+def build_engine_core(config: EngineConfig) -> EngineCore:
+    mc = config.model
+    device = pick_device(mc.device)
+    dtype = pick_dtype(mc.dtype, device)
+    cache_dir = Path(mc.cache_dir) if mc.cache_dir else default_cache_dir()
+    started = time.monotonic()
+    dummy_config = shape_config(mc.model) if mc.load_format == "dummy" else None
+    path = None if dummy_config is not None else resolve_model(mc.model, cache_dir)
+    loaded = load_model(path, dtype, device, dummy_config=dummy_config, load_format=mc.load_format,
+                        seed=mc.seed, tokenizer_cache_dir=cache_dir)
+    logger.info("loaded %s (%s, %.0fM parameters, %s on %s) in %.1f s", mc.model, loaded.arch_config.architecture,
+                loaded.arch_config.num_params / 1e6, dtype, device, time.monotonic() - started)
+    return EngineCore(config, loaded, dtype, device)

@@ -1,0 +1,62 @@
+"""Paged attention over the KV cache: the reference path (SDPA), on CPU and CUDA alike.
+
+K/V of the new tokens are written at `slot_mapping`; each sequence reads its whole context back
+through its block table. Decoding sequences (one query token each) run as one padded batch;
+sequences with several query tokens (prefill chunks) run one by one with a bottom-right causal mask.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [num_tokens] int64: where each new token's K/V go
+    # The first num_decodes sequences have one query token each, the rest several.
+    num_decodes: int
+    decode_block_tables: torch.Tensor  # [num_decodes, max_num_blocks] int64 (padded with 0)
+    decode_mask: torch.Tensor  # [num_decodes, 1, 1, max_num_blocks * block_size] bool
+    # Prefill sequences: (first query token index, number of query tokens, context length).
+    prefills: list[tuple[int, int, int]]
+    prefill_block_ids: list[torch.Tensor]  # per prefill sequence: its block ids [num_blocks]
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]."""
+    num_kv_heads, head_dim = k.shape[1:]
+    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
+    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+
+
+def paged_attention(
+    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim]."""
+    out = torch.empty_like(q)
+    k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block_size, num_kv_heads, head_dim]
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    d = meta.num_decodes
+    if d:
+        # [num_decodes, max_num_blocks * block_size, num_kv_heads, head_dim] -> heads first
+        k = k_cache[meta.decode_block_tables].view(d, -1, num_kv_heads, head_dim).transpose(1, 2)
+        v = v_cache[meta.decode_block_tables].view(d, -1, num_kv_heads, head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(
+            q[:d].unsqueeze(2), k, v, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+        )  # [num_decodes, num_heads, 1, head_dim]
+        out[:d] = o.squeeze(2)
+    for (start, num_query, context_len), block_ids in zip(meta.prefills, meta.prefill_block_ids):
+        k = k_cache[block_ids].view(-1, num_kv_heads, head_dim)[:context_len].transpose(0, 1)
+        v = v_cache[block_ids].view(-1, num_kv_heads, head_dim)[:context_len].transpose(0, 1)
+        qs = q[start : start + num_query].transpose(0, 1)  # [num_heads, num_query, head_dim]
+        if num_query == context_len:
+            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            # Query i sits at position context_len - num_query + i and sees keys up to there.
+            offset = context_len - num_query
+            rows = torch.arange(num_query, device=q.device).unsqueeze(1) + offset
+            mask = torch.arange(context_len, device=q.device).unsqueeze(0) <= rows
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start : start + num_query] = o.transpose(0, 1)
+    return out

@@ -1,0 +1,128 @@
+"""Loads a model and its tokenizer from a GGUF file or a Hugging Face safetensors directory.
+
+Parameters are allocated once in their final dtype and filled tensor by tensor, so peak memory is
+the model plus one dequantized tensor. `load_format="dummy"` fills them with random values instead.
+"""
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tokenforge.errors import ModelFileError
+from tokenforge.model import gguf_file, weights
+from tokenforge.model.arch_config import ArchConfig
+from tokenforge.model.layers.rotary import RotaryEmbedding
+from tokenforge.model.registry import get_model_class
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    arch_config: ArchConfig
+    tokenizer: object | None  # a transformers tokenizer; None for shape-only dummy models
+    path: Path | None
+
+
+def build_model(arch_config: ArchConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
+    """The module tree with uninitialised parameters of `dtype` on `device` (no init pass)."""
+    with torch.device("meta"):
+        model = get_model_class(arch_config.architecture)(arch_config)
+    model = model.to_empty(device=device).to(dtype)
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding):
+            module.build(device)
+    return model.eval()
+
+
+def load_weights(model: nn.Module, tensors, flavor: str, permute_qk: bool) -> None:
+    """Copies (name, tensor) pairs into the model's parameters; every parameter must be filled."""
+    config: ArchConfig = model.config
+    params = dict(model.named_parameters())
+    q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    filled: dict[str, int] = {}
+    for name, tensor in tensors:
+        mapped = weights.map_name(name, flavor)
+        if mapped is None:
+            logger.debug("skipping checkpoint tensor %s", name)
+            continue
+        param_name, part = mapped
+        if param_name not in params:
+            continue  # e.g. lm_head.weight of a model whose head is tied
+        if permute_qk and part in ("q", "k"):
+            tensor = weights.unpermute_rope(tensor, config.num_heads if part == "q" else config.num_kv_heads)
+        rows = weights.shard_rows(part, q_size, kv_size, config.intermediate_size)
+        target = params[param_name].data if rows is None else params[param_name].data[rows]
+        if tuple(target.shape) != tuple(tensor.shape):
+            raise ModelFileError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
+        target.copy_(tensor)
+        filled[param_name] = filled.get(param_name, 0) + tensor.numel()
+    missing = [n for n, p in params.items() if filled.get(n, 0) != p.numel()]
+    if missing:
+        raise ModelFileError(f"checkpoint lacks weights for: {', '.join(missing[:5])}")
+
+
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Random weights of the right shapes and a sane scale, for speed tests without a checkpoint."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("norm.weight"):
+            param.data.fill_(1.0)
+            continue
+        values = torch.empty(param.shape, dtype=torch.float32).uniform_(-0.02, 0.02, generator=generator)
+        param.data.copy_(values)
+
+
+def load_model(path: Path | None, dtype: torch.dtype, device: torch.device, *,
+               dummy_config: dict | None = None, load_format: str = "auto", seed: int = 0,
+               tokenizer_cache_dir: Path | None = None) -> LoadedModel:
+    if path is None:
+        assert dummy_config is not None
+        arch_config = ArchConfig.from_hf_config(dummy_config)
+        model = build_model(arch_config, dtype, device)
+        init_dummy_weights(model, seed)
+        return LoadedModel(model, arch_config, None, None)
+    if path.is_dir():
+        return _load_hf_dir(path, dtype, device, load_format, seed)
+    reader = gguf_file.open_gguf(path)
+    arch_config = ArchConfig.from_hf_config(gguf_file.read_config(reader))
+    model = build_model(arch_config, dtype, device)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    else:
+        permute = arch_config.architecture in ("llama", "mistral")
+        with torch.no_grad():
+            load_weights(model, gguf_file.iter_tensors(reader, path), "gguf", permute_qk=permute)
+    tokenizer = gguf_file.load_tokenizer(path, tokenizer_cache_dir)
+    return LoadedModel(model, arch_config, tokenizer, path)
+
+
+def _load_hf_dir(path: Path, dtype, device, load_format: str, seed: int) -> LoadedModel:
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise ModelFileError(f"{config_file} is missing: not a Hugging Face model directory")
+    arch_config = ArchConfig.from_hf_config(json.loads(config_file.read_text()))
+    model = build_model(arch_config, dtype, device)
+    files = sorted(path.glob("*.safetensors"))
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    elif not files:
+        raise ModelFileError(f"no *.safetensors files in {path}")
+    else:
+        def tensors():
+            for file in files:
+                with safe_open(str(file), framework="pt") as f:
+                    for name in f.keys():
+                        yield name, f.get_tensor(name)
+
+        with torch.no_grad():
+            load_weights(model, tensors(), "hf", permute_qk=False)
+    return LoadedModel(model, arch_config, AutoTokenizer.from_pretrained(str(path)), path)
