@@ -46,7 +46,9 @@ class IncrementalDetokenizer:
         num_old_chars = len(self._text)
         # One token at a time: a character left incomplete by the last token of a batch
         # must not hold back the text of the tokens before it.
-        self._tokens.extend(self._to_tokens(new_token_ids)); self._decode_window(flush=False)
+        for token in self._to_tokens(new_token_ids):
+            self._tokens.append(token)
+            self._decode_window(flush=False)
         return self._check_stop(num_old_chars)
 
     def take_delta(self) -> str:

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import torch
 
-from tokenforge.config import EngineConfig, default_cache_dir
+from tokenforge.config import EngineConfig, ModelConfig, default_cache_dir
 from tokenforge.engine.engine_core import EngineCore
 from tokenforge.errors import InvalidRequestError
 from tokenforge.model.catalog import shape_config
-from tokenforge.model.loader import load_model
+from tokenforge.model.loader import LoadedModel, load_model
 from tokenforge.model.pull import resolve_model
 
 logger = logging.getLogger(__name__)
@@ -37,8 +37,8 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         raise InvalidRequestError(f"unknown dtype {name!r} (choose from {', '.join(_DTYPES)})") from None
 
 
-def build_engine_core(config: EngineConfig) -> EngineCore:
-    mc = config.model
+def load(mc: ModelConfig) -> tuple[LoadedModel, torch.dtype, torch.device]:
+    """Resolves (pulling if needed) and loads the model a ModelConfig names."""
     device = pick_device(mc.device)
     dtype = pick_dtype(mc.dtype, device)
     cache_dir = Path(mc.cache_dir) if mc.cache_dir else default_cache_dir()
@@ -49,4 +49,8 @@ def build_engine_core(config: EngineConfig) -> EngineCore:
                         seed=mc.seed, tokenizer_cache_dir=cache_dir)
     logger.info("loaded %s (%s, %.0fM parameters, %s on %s) in %.1f s", mc.model, loaded.arch_config.architecture,
                 loaded.arch_config.num_params / 1e6, dtype, device, time.monotonic() - started)
-    return EngineCore(config, loaded, dtype, device)
+    return loaded, dtype, device
+
+
+def build_engine_core(config: EngineConfig) -> EngineCore:
+    return EngineCore(config, *load(config.model))

@@ -31,7 +31,7 @@ class KVCacheManager:
         self.req_to_blocks: dict[str, list[Block]] = {}
         self.req_to_hashes: dict[str, list[bytes]] = {}
         self.num_cached_blocks: dict[str, int] = {}  # blocks of the request already hashed
-        # Prefix-cache statistics, in tokens, counted at admission.
+        # Prefix-cache statistics, in tokens, counted once per successful admission (allocate_slots).
         self.num_prefix_queried_tokens = 0
         self.num_prefix_hit_tokens = 0
 
@@ -59,10 +59,7 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        num_hit_tokens = len(hits) * self.block_size
-        self.num_prefix_queried_tokens += request.num_tokens
-        self.num_prefix_hit_tokens += num_hit_tokens
-        return hits, num_hit_tokens
+        return hits, len(hits) * self.block_size
 
     def allocate_slots(
         self, request: Request, num_new_tokens: int, new_computed_blocks: Sequence[Block] = ()
@@ -72,6 +69,7 @@ class KVCacheManager:
         new_computed_blocks are prefix-cache hits for a request being admitted; they hold the
         tokens before request.num_computed_tokens + their length.
         """
+        is_admission = request.request_id not in self.req_to_blocks
         blocks = self.req_to_blocks.setdefault(request.request_id, [])
         num_computed = request.num_computed_tokens + len(new_computed_blocks) * self.block_size
         num_required = cdiv(num_computed + num_new_tokens, self.block_size)
@@ -88,6 +86,11 @@ class KVCacheManager:
             self.num_cached_blocks[request.request_id] = len(blocks)
         new_blocks = self.block_pool.get_new_blocks(num_new_blocks)
         blocks.extend(new_blocks)
+        if is_admission and self.enable_caching:
+            # Counted here, not in get_computed_blocks: a request that waits for blocks asks again
+            # every step, and would otherwise be counted once per step.
+            self.num_prefix_queried_tokens += request.num_tokens
+            self.num_prefix_hit_tokens += len(new_computed_blocks) * self.block_size
         return new_blocks
 
     def cache_blocks(self, request: Request) -> None:

@@ -5,6 +5,7 @@ import itertools
 from dataclasses import dataclass
 
 from tokenforge.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tokenforge.engine.engine_core import EngineCore
 from tokenforge.engine.factory import build_engine_core
 from tokenforge.engine.request import FinishReason
 from tokenforge.errors import InvalidRequestError
@@ -47,8 +48,9 @@ def child_params(params: SamplingParams, index: int) -> SamplingParams:
 
 
 class LLM:
-    def __init__(self, model: str = ModelConfig.model, **kwargs):
-        self.engine = build_engine_core(split_config_kwargs(model=model, **kwargs))
+    def __init__(self, model: str = ModelConfig.model, *, engine: EngineCore | None = None, **kwargs):
+        """Loads `model` with engine options as keywords, or wraps an EngineCore built already."""
+        self.engine = engine or build_engine_core(split_config_kwargs(model=model, **kwargs))
         self.tokenizer = self.engine.tokenizer
         self._ids = itertools.count()
 

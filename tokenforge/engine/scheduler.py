@@ -53,6 +53,7 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0  # since start, for metrics and tests
 
     @property
     def num_waiting(self) -> int:
@@ -100,6 +101,7 @@ class Scheduler:
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(request)
 
     def _admit_waiting(self, budget: int, output: SchedulerOutput) -> None:

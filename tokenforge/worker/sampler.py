@@ -11,6 +11,10 @@ import torch
 
 from tokenforge.engine.request import Request
 
+# Rows with top-p or min-p but no top-k are first filtered within their this-many likeliest
+# tokens; only a row whose kept set may reach past them pays for a full-vocabulary sort.
+NUM_CANDIDATES = 256
+
 
 @dataclass
 class SamplerOutput:
@@ -21,93 +25,105 @@ class SamplerOutput:
     logprobs: list[tuple[float, list[tuple[int, float]]] | None]
 
 
-def count_tokens(token_id_lists: list[list[int]], vocab_size: int, device=None) -> torch.Tensor:
-    """How often each token occurs in each list: [len(token_id_lists), vocab_size] float32."""
-    counts = torch.zeros(len(token_id_lists), vocab_size, dtype=torch.float32, device=device)
-    flat = list(itertools.chain.from_iterable(token_id_lists))
-    if not flat:
-        return counts
+def _flat_ids(token_id_lists: list[list[int]], vocab_size: int, device) -> tuple[torch.Tensor, ...]:
+    """Each listed token's row, and its row-major position row * vocab_size + token_id."""
     lengths = torch.tensor([len(ids) for ids in token_id_lists], device=device)
     rows = torch.repeat_interleave(torch.arange(len(token_id_lists), device=device), lengths)
-    cols = torch.tensor(flat, dtype=torch.long, device=device)
-    counts.index_put_((rows, cols), torch.ones(len(flat), device=device), accumulate=True)
-    return counts
+    token_ids = torch.tensor(list(itertools.chain.from_iterable(token_id_lists)), device=device)
+    return rows, rows * vocab_size + token_ids.long()  # [total], [total]
 
 
 def apply_penalties(
-    logits: torch.Tensor,  # [n, vocab_size]
-    prompt_mask: torch.Tensor,  # [n, vocab_size] bool: the token is in the prompt
-    output_counts: torch.Tensor,  # [n, vocab_size]: occurrences of the token in the output
+    logits: torch.Tensor,  # [n, vocab_size], contiguous; changed in place
+    prompt_token_ids: list[list[int]],
+    output_token_ids: list[list[int]],
     repetition_penalties: torch.Tensor,  # [n]
     frequency_penalties: torch.Tensor,  # [n]
     presence_penalties: torch.Tensor,  # [n]
-) -> torch.Tensor:
-    """Returns penalised logits (a new tensor).
+) -> None:
+    """Repetition (CTRL/HF), over prompt and output tokens: logit / p if logit > 0 else logit * p.
+    Then frequency and presence (OpenAI), over output tokens: logit -= count * f + (count > 0) * pr.
 
-    Repetition (CTRL/HF), over prompt and output tokens: logit / p if logit > 0 else logit * p.
-    Frequency and presence (OpenAI), over output tokens: logit -= count * f + (count > 0) * pr.
+    Touches only the (row, token) pairs that occur. A repeated pair is written several times with
+    the same value (all reads come before the write), so the once-per-token terms need no dedup;
+    the per-occurrence frequency term accumulates.
     """
-    seen = prompt_mask | (output_counts > 0)
-    penalty = torch.where(seen, repetition_penalties.unsqueeze(1), 1.0)  # [n, vocab_size]
-    logits = torch.where(logits > 0, logits / penalty, logits * penalty)
-    logits = logits - output_counts * frequency_penalties.unsqueeze(1)
-    return logits - (output_counts > 0) * presence_penalties.unsqueeze(1)
+    vocab_size, device = logits.shape[-1], logits.device
+    flat_logits = logits.view(-1)
+    prompt_rows, prompt_ids = _flat_ids(prompt_token_ids, vocab_size, device)
+    output_rows, output_ids = _flat_ids(output_token_ids, vocab_size, device)
+    seen_ids = torch.cat([prompt_ids, output_ids])
+    values = flat_logits.index_select(0, seen_ids)
+    penalty = repetition_penalties.index_select(0, torch.cat([prompt_rows, output_rows]))
+    penalised = torch.where(values > 0, values / penalty, values * penalty)
+    flat_logits.index_copy_(0, seen_ids, penalised)
+    values = flat_logits.index_select(0, output_ids)
+    presence = presence_penalties.index_select(0, output_rows)
+    flat_logits.index_copy_(0, output_ids, values - presence)
+    flat_logits.index_add_(0, output_ids, -frequency_penalties.index_select(0, output_rows))
 
 
-def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
-    """Keeps each row's top_k[i] largest logits (ties with the k-th are kept too)."""
-    k = top_k.clamp(max=logits.shape[-1])  # [n]
-    top_values = logits.topk(int(k.max()), dim=-1).values  # [n, max_k], descending
-    kth = top_values.gather(1, (k - 1).unsqueeze(1))  # [n, 1]
-    return logits.masked_fill(logits < kth, float("-inf"))
+def filter_top_candidates(
+    logits: torch.Tensor,  # [n, vocab_size], temperature already applied
+    top_k: torch.Tensor,  # [n] long; vocab_size means no limit
+    top_p: torch.Tensor,  # [n]
+    min_p: torch.Tensor,  # [n]
+    num_candidates: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Applies top-k, then top-p, then min-p within each row's num_candidates likeliest tokens.
 
-
-def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keeps each row's smallest set of most likely tokens whose probability sums to >= top_p."""
-    sorted_logits, sorted_ids = logits.sort(dim=-1, descending=True)  # [n, vocab_size]
-    probs = sorted_logits.softmax(dim=-1)
-    # A token is dropped when the tokens ranked above it already reach top_p; above the top token
-    # there is 0 < top_p, so it always stays.
-    mass_above = probs.cumsum(dim=-1) - probs
-    drop_sorted = mass_above >= top_p.unsqueeze(1)
-    drop = torch.empty_like(drop_sorted).scatter_(1, sorted_ids, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """Drops tokens with prob < min_p * max prob, i.e. logit < max logit + log(min_p)."""
-    threshold = logits.amax(dim=-1, keepdim=True) + torch.log(min_p).unsqueeze(1)  # [n, 1]
-    return logits.masked_fill(logits < threshold, float("-inf"))
-
-
-def sample_from_logits(
-    logits: torch.Tensor, generators: list[torch.Generator | None]
-) -> torch.Tensor:
-    """Draws one token per row from softmax(logits): [n] long.
-
-    Exponential race: argmax_i p_i / E_i with E_i ~ Exp(1) picks i with probability p_i, and needs
-    no host sync. A row with a generator draws its E from it alone, so a seeded request gets the
-    same tokens whatever else is in the batch.
+    Returns probs [n, C] (of the kept tokens, sorted descending; 0 once dropped), their token ids
+    [n, C], and covered [n]: True where no token outside the candidates survives the filters.
     """
-    probs = logits.softmax(dim=-1)  # [n, vocab_size]
-    noise = torch.empty_like(probs)
-    if any(g is None for g in generators):
-        noise.exponential_()
+    vocab_size = logits.shape[-1]
+    has_top_k = top_k < vocab_size
+    max_top_k = int(torch.where(has_top_k, top_k, 0).max())
+    num_candidates = min(max(num_candidates, max_top_k), vocab_size)
+    values, token_ids = logits.topk(num_candidates, dim=-1)  # [n, C], sorted descending
+    positions = torch.arange(num_candidates, device=logits.device)
+    values = values.masked_fill(positions >= top_k.unsqueeze(1), float("-inf"))
+    # Normaliser: the top-k set lies among the candidates; without top-k it is the whole row.
+    unnormalised = (values - values[:, :1]).exp()  # [n, C]
+    mass = unnormalised.sum(dim=-1)  # [n]
+    if not has_top_k.all():
+        mass = torch.where(has_top_k, mass, (logits - values[:, :1]).exp().sum(dim=-1))
+    probs = unnormalised / mass.unsqueeze(1)
+    # top-p: drop a token once the likelier tokens reach top_p (the top one always stays).
+    cumulative = probs.cumsum(dim=-1)
+    drop = (cumulative - probs) >= top_p.unsqueeze(1)
+    # min-p: prob < min_p * max prob, i.e. logit < max logit + log(min_p).
+    min_logit = values[:, :1] + torch.log(min_p).unsqueeze(1)  # [n, 1]
+    drop |= values < min_logit
+    covered = (
+        has_top_k
+        | ((top_p < 1.0) & (cumulative[:, -1] >= top_p))
+        | (values[:, -1] < min_logit[:, 0])
+        | (num_candidates == vocab_size)
+    )
+    return probs.masked_fill(drop, 0.0), token_ids, covered
+
+
+def sample_from_probs(
+    probs: torch.Tensor, generators: list[torch.Generator | None]
+) -> torch.Tensor:
+    """Draws one position per row, in proportion to probs [n, W] (need not sum to 1): [n] long.
+
+    Inverse CDF with one uniform number per row, so a row with a generator draws from it alone and
+    a seeded request gets the same tokens whatever else is in the batch. The first cdf >= x, for x
+    in (0, total], is never a zero-probability position.
+    """
+    cdf = probs.cumsum(dim=-1)  # [n, W], non-decreasing
+    uniform = torch.rand(probs.shape[0], device=probs.device)  # [n] in [0, 1)
     for row, generator in enumerate(generators):
         if generator is not None:
-            row_noise = torch.empty(probs.shape[-1], device=generator.device)
-            noise[row] = row_noise.exponential_(generator=generator).to(noise.device)
-    # Exp(1) can round to 0; clamping keeps p / E finite and a zero p at zero.
-    return probs.div_(noise.clamp_min_(torch.finfo(noise.dtype).tiny)).argmax(dim=-1)
+            uniform[row] = torch.rand(1, generator=generator, device=generator.device).item()
+    targets = (1.0 - uniform) * cdf[:, -1]  # [n] in (0, total]
+    return torch.searchsorted(cdf, targets.unsqueeze(1)).squeeze(1)
 
 
 def _needs_penalties(request: Request) -> bool:
-    params = request.sampling_params
-    return (
-        params.repetition_penalty != 1.0
-        or params.frequency_penalty != 0.0
-        or params.presence_penalty != 0.0
-    )
+    p = request.sampling_params
+    return (p.repetition_penalty, p.frequency_penalty, p.presence_penalty) != (1.0, 0.0, 0.0)
 
 
 def _blocks_stop_tokens(request: Request) -> bool:
@@ -115,6 +131,8 @@ def _blocks_stop_tokens(request: Request) -> bool:
 
 
 class Sampler:
+    """Stateless; seeded requests carry their own torch.Generator."""
+
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         assert logits.dim() == 2 and logits.shape[0] == len(requests)
         num_rows = len(requests)
@@ -135,37 +153,38 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits[logprob_rows].float(), dim=-1)
         if adjust_rows:
             logits = logits.float().clone()
-            self._apply_bias_and_min_tokens(logits, [requests[i] for i in adjust_rows], adjust_rows)
-            penalty_rows = [i for i in adjust_rows if _needs_penalties(requests[i])]
-            if penalty_rows:
-                self._apply_penalties(logits, [requests[i] for i in penalty_rows], penalty_rows)
-
+            self._adjust_logits(logits, requests, adjust_rows)
         if len(sampled_rows) < num_rows:
             token_ids = logits.argmax(dim=-1)  # [num_rows]; sampled rows are overwritten below
         else:
             token_ids = torch.empty(num_rows, dtype=torch.long, device=logits.device)
         if sampled_rows:
-            sampled = self._sample([requests[i] for i in sampled_rows], logits[sampled_rows])
-            token_ids[sampled_rows] = sampled
+            # _sample changes its logits: hand it our own clone, or a copy of the sampled rows.
+            owned = adjust_rows and len(sampled_rows) == num_rows
+            sampled_logits = logits if owned else logits[sampled_rows].float()
+            sampled_requests = [requests[i] for i in sampled_rows]
+            token_ids[sampled_rows] = self._sample(sampled_logits, sampled_requests)
 
         output_logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * num_rows
         if raw_logprobs is not None:
-            self._fill_logprobs(output_logprobs, raw_logprobs, token_ids, params, logprob_rows)
+            chosen = raw_logprobs.gather(1, token_ids[logprob_rows].unsqueeze(1)).squeeze(1)
+            max_k = min(max(params[i].logprobs for i in logprob_rows), logits.shape[-1])
+            top = raw_logprobs.topk(max_k, dim=-1)  # sorted, highest first
+            rows = zip(logprob_rows, chosen.tolist(), top.indices.tolist(), top.values.tolist())
+            for row, logprob, top_ids, top_logprobs in rows:
+                k = params[row].logprobs
+                output_logprobs[row] = (logprob, list(zip(top_ids[:k], top_logprobs[:k])))
         return SamplerOutput(token_ids.tolist(), output_logprobs)
 
     @staticmethod
-    def _apply_bias_and_min_tokens(
-        logits: torch.Tensor, requests: list[Request], rows: list[int]
-    ) -> None:
-        """In place: adds logit_bias; bans EOS and stop ids while under min_tokens."""
-        bias_rows, bias_ids, bias_values = [], [], []
-        ban_rows, ban_ids = [], []
-        for row, request in zip(rows, requests):
-            params = request.sampling_params
-            for token_id, value in params.logit_bias.items():
-                bias_rows.append(row)
-                bias_ids.append(token_id)
-                bias_values.append(value)
+    def _adjust_logits(logits: torch.Tensor, requests: list[Request], rows: list[int]) -> None:
+        """In place: logit_bias, the min_tokens ban on EOS and stop ids, then penalties."""
+        bias_rows, bias_ids, bias_values, ban_rows, ban_ids = [], [], [], [], []
+        for row in rows:
+            request, params = requests[row], requests[row].sampling_params
+            bias_rows.extend([row] * len(params.logit_bias))
+            bias_ids.extend(params.logit_bias.keys())
+            bias_values.extend(params.logit_bias.values())
             if _blocks_stop_tokens(request):
                 stop_ids = list(params.stop_token_ids)
                 if request.eos_token_id is not None:
@@ -180,67 +199,56 @@ class Sampler:
         if ban_rows:
             index = (torch.tensor(ban_rows, device=device), torch.tensor(ban_ids, device=device))
             logits.index_put_(index, torch.tensor(float("-inf"), device=device))
-
-    @staticmethod
-    def _apply_penalties(logits: torch.Tensor, requests: list[Request], rows: list[int]) -> None:
-        """In place on the given rows of logits."""
-        vocab_size, device = logits.shape[-1], logits.device
-        output_counts = count_tokens([r.output_token_ids for r in requests], vocab_size, device)
-        # Only repetition penalty looks at the prompt; skip building it for the other rows.
-        prompts = [
-            r.prompt_token_ids if r.sampling_params.repetition_penalty != 1.0 else []
-            for r in requests
-        ]
-        prompt_mask = count_tokens(prompts, vocab_size, device) > 0
+        if not any(_needs_penalties(requests[row]) for row in rows):
+            return
 
         def per_row(name: str) -> torch.Tensor:
             values = [getattr(r.sampling_params, name) for r in requests]
-            return torch.tensor(values, dtype=torch.float32, device=device)
+            return torch.tensor(values, dtype=logits.dtype, device=device)
 
-        logits[rows] = apply_penalties(
-            logits[rows],
-            prompt_mask,
-            output_counts,
+        # Rows without penalties get neutral ones; leaving out their tokens saves the work.
+        repeats = [r.sampling_params.repetition_penalty != 1.0 for r in requests]
+        apply_penalties(
+            logits,
+            [r.prompt_token_ids if repeat else [] for r, repeat in zip(requests, repeats)],
+            [r.output_token_ids if _needs_penalties(r) else [] for r in requests],
             per_row("repetition_penalty"),
             per_row("frequency_penalty"),
             per_row("presence_penalty"),
         )
 
     @staticmethod
-    def _sample(requests: list[Request], logits: torch.Tensor) -> torch.Tensor:
-        """Temperature, top-k, top-p, min-p and a draw for rows with temperature > 0: [n] long."""
+    def _sample(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """Draws for rows with temperature > 0 (logits [n, vocab_size] is ours to change): [n]."""
         params = [r.sampling_params for r in requests]
-        device = logits.device
-        temperatures = torch.tensor([p.temperature for p in params], device=device)
-        logits = logits.float() / temperatures.unsqueeze(1)  # [n, vocab_size]
-
-        def filter_rows(rows: list[int], fn, values: list) -> None:
-            if rows:
-                logits[rows] = fn(logits[rows], torch.tensor(values, device=device))
-
-        top_k_rows = [i for i, p in enumerate(params) if p.top_k is not None]
-        filter_rows(top_k_rows, apply_top_k, [params[i].top_k for i in top_k_rows])
-        top_p_rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
-        filter_rows(top_p_rows, apply_top_p, [params[i].top_p for i in top_p_rows])
-        min_p_rows = [i for i, p in enumerate(params) if p.min_p > 0.0]
-        filter_rows(min_p_rows, apply_min_p, [params[i].min_p for i in min_p_rows])
-        return sample_from_logits(logits, [r.generator for r in requests])
-
-    @staticmethod
-    def _fill_logprobs(
-        output_logprobs: list,
-        raw_logprobs: torch.Tensor,  # [len(rows), vocab_size]
-        token_ids: torch.Tensor,  # [num_rows]
-        params: list,
-        rows: list[int],
-    ) -> None:
-        chosen = raw_logprobs.gather(1, token_ids[rows].unsqueeze(1)).squeeze(1).tolist()
-        max_k = min(max(params[i].logprobs for i in rows), raw_logprobs.shape[-1])
-        top_ids: list[list[int]] = [[] for _ in rows]
-        top_values: list[list[float]] = [[] for _ in rows]
-        if max_k > 0:
-            top = raw_logprobs.topk(max_k, dim=-1)  # sorted, highest first
-            top_ids, top_values = top.indices.tolist(), top.values.tolist()
-        for j, row in enumerate(rows):
-            k = params[row].logprobs
-            output_logprobs[row] = (chosen[j], list(zip(top_ids[j][:k], top_values[j][:k])))
+        vocab_size, device = logits.shape[-1], logits.device
+        logits.div_(torch.tensor([p.temperature for p in params], device=device).unsqueeze(1))
+        token_ids = torch.empty(len(requests), dtype=torch.long, device=device)
+        filtered = [i for i, p in enumerate(params) if p.top_k or p.top_p < 1.0 or p.min_p > 0.0]
+        plain = sorted(set(range(len(requests))) - set(filtered))
+        if plain:
+            plain_logits = logits if len(plain) == len(requests) else logits[plain]
+            probs = plain_logits.softmax(dim=-1)  # [num_plain, vocab_size]
+            token_ids[plain] = sample_from_probs(probs, [requests[i].generator for i in plain])
+        # A row whose kept set may reach past the candidates draws nothing in the first pass and
+        # retries on the whole vocabulary, so each row takes one number from its generator.
+        for num_candidates in (NUM_CANDIDATES, vocab_size):
+            if not filtered:
+                break
+            rows_params = [params[i] for i in filtered]
+            probs, candidate_ids, covered = filter_top_candidates(
+                logits[filtered],
+                torch.tensor([p.top_k or vocab_size for p in rows_params], device=device),
+                torch.tensor([p.top_p for p in rows_params], device=device),
+                torch.tensor([p.min_p for p in rows_params], device=device),
+                num_candidates,
+            )
+            covered_list = covered.tolist()
+            done = [j for j, ok in enumerate(covered_list) if ok]
+            if done:
+                generators = [requests[filtered[j]].generator for j in done]
+                positions = sample_from_probs(probs[done], generators)  # [len(done)]
+                chosen = candidate_ids[done].gather(1, positions.unsqueeze(1)).squeeze(1)
+                token_ids[[filtered[j] for j in done]] = chosen
+            filtered = [row for row, ok in zip(filtered, covered_list) if not ok]
+        return token_ids

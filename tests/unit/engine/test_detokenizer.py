@@ -152,7 +152,9 @@ def test_earliest_stop_string_wins(tokenizer, chunk):
 
 
 def test_overlapping_stop_strings_at_same_start_take_the_shorter(tokenizer):
-    detokenizer = make_detokenizer(tokenizer, stop=["answer is", "answer"], include_stop_str_in_output=True)
+    detokenizer = make_detokenizer(
+        tokenizer, stop=["answer is", "answer"], include_stop_str_in_output=True
+    )
     deltas, matched = stream(detokenizer, encode(tokenizer, ANSWER_TEXT), chunk=100)
     assert matched == "answer"
     assert "".join(deltas) == "The answer"
@@ -206,7 +208,9 @@ def test_finish_releases_an_incomplete_character_as_decode_does(tokenizer):
     assert detokenizer.output_text.endswith("\ufffd")
 
 
-@pytest.mark.parametrize(("skip", "output"), [(True, "Hi there"), (False, "Hi<|im_end|> there<|endoftext|>")])
+@pytest.mark.parametrize(
+    ("skip", "output"), [(True, "Hi there"), (False, "Hi<|im_end|> there<|endoftext|>")]
+)
 def test_skip_special_tokens(tokenizer, skip, output):
     token_ids = encode(tokenizer, "Hi") + [IM_END_ID] + encode(tokenizer, " there") + [0]
     detokenizer = make_detokenizer(tokenizer, skip_special_tokens=skip)

@@ -1,0 +1,20 @@
+"""Shared fixtures: the real default model, loaded once per test session."""
+
+import pytest
+
+from tokenforge.config import DEFAULT_MODEL, ModelConfig
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    from tokenforge.model.pull import resolve_model
+
+    return resolve_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def smollm2_loaded(smollm2_path):
+    """(LoadedModel, dtype, device) of SmolLM2 in fp32 on the CPU, shared by integration tests."""
+    from tokenforge.engine.factory import load
+
+    return load(ModelConfig(model=str(smollm2_path), dtype="float32", device="cpu"))
