@@ -23,3 +23,7 @@ class ModelFileError(TokenforgeError):
 
 class EngineDeadError(TokenforgeError, RuntimeError):
     """The engine loop has died; requests cannot be served (becomes a 503)."""
+
+
+class QueueFullError(TokenforgeError):
+    """The waiting queue is at its bound; the caller should retry later (becomes a 503)."""

@@ -75,7 +75,8 @@ def iter_tensors(reader, path: Path):
             array = dequantize(tensor.data, tensor.tensor_type)
         except (NotImplementedError, ValueError) as exc:
             raise ModelFileError(f"{path}: cannot read tensor {tensor.name} ({tensor.tensor_type.name}): {exc}") from None
-        yield tensor.name, torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        # F32 tensors come back as read-only views of the file: np.require copies only those.
+        yield tensor.name, torch.from_numpy(np.require(array, np.float32, ["C", "W"]))
 
 
 def _tokenizer_key(path: Path) -> str:

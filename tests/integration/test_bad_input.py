@@ -1,0 +1,48 @@
+"""Bad input raises a clear typed error, and the engine keeps serving afterwards."""
+
+import pytest
+
+from tests.integration.helpers import make_llm
+from tokenforge.errors import InvalidRequestError, ModelFileError, ModelNotFoundError
+from tokenforge.sampling_params import SamplingParams
+
+
+@pytest.mark.parametrize("kwargs", [{"max_tokens": 0}, {"max_tokens": -3}, {"top_p": 0.0}, {"top_p": 1.5},
+                                    {"temperature": -1.0}, {"top_k": 0}, {"logprobs": 99}, {"stop": [""]}])
+def test_invalid_sampling_params(kwargs):
+    with pytest.raises(InvalidRequestError) as info:
+        SamplingParams(**kwargs)
+    assert info.value.param == next(iter(kwargs))
+
+
+def test_engine_rejects_bad_prompts_then_serves(smollm2_loaded):
+    llm = make_llm(smollm2_loaded)
+    with pytest.raises(InvalidRequestError, match="empty"):
+        llm.generate([[]])
+    with pytest.raises(InvalidRequestError, match="context"):
+        llm.generate([[1] * llm.engine.max_model_len])
+    with pytest.raises(InvalidRequestError, match="vocabulary"):
+        llm.generate(["hi"], SamplingParams(logit_bias={-1: 5.0}))
+    assert not llm.engine.has_unfinished_requests()
+    out = llm.generate(["The sky is"], SamplingParams(temperature=0.0, max_tokens=5))
+    assert len(out[0].outputs[0].token_ids) == 5
+
+
+def test_unknown_model_name():
+    from tokenforge import LLM
+
+    with pytest.raises(ModelNotFoundError, match="no-such-model"):
+        LLM("no-such-model")
+
+
+def test_non_gguf_file(tmp_path):
+    from tokenforge import LLM
+
+    bogus = tmp_path / "weights.gguf"
+    bogus.write_bytes(b"PK\x03\x04 this is a zip, not a model")
+    with pytest.raises(ModelFileError, match="weights.gguf"):
+        LLM(str(bogus))
+    truncated = tmp_path / "cut.gguf"
+    truncated.write_bytes(b"GGUF\x03\x00\x00\x00")
+    with pytest.raises(ModelFileError, match="cut.gguf"):
+        LLM(str(truncated))
