@@ -79,17 +79,15 @@ def run_tokenforge(llm: LLM, prompts: list[list[int]], max_tokens: int) -> tuple
 
 
 def bench_tokenforge(args, conversations: list[list[dict]]):
-    """Returns the result, the prompts as token ids, the outputs, and the tokenizer's pad id."""
+    """Returns the result, the prompts as token ids, the outputs, and the tokenizer."""
     started = time.perf_counter()
     llm = LLM(args.model, dtype="float32", block_size=args.block_size)
     load_s = time.perf_counter() - started
     prompts = [llm.apply_chat_template(c) for c in conversations]
-    tokenizer = llm.tokenizer
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     run_tokenforge(llm, prompts[:NUM_WARMUP_PROMPTS], NUM_WARMUP_TOKENS)
     wall_s, token_ids = run_tokenforge(llm, prompts, args.max_tokens)
     result = make_result("tokenforge", wall_s, prompts, args.max_tokens * len(prompts), load_s)
-    return result, prompts, token_ids, pad_id
+    return result, prompts, token_ids, llm.tokenizer
 
 
 def hf_generate_batch(model, batch: list[list[int]], max_tokens: int, pad_id: int) -> list[list[int]]:
@@ -123,6 +121,18 @@ def bench_hf(args, gguf_path: Path, prompts: list[list[int]], pad_id: int) -> tu
     run_hf(model, prompts[:NUM_WARMUP_PROMPTS], NUM_WARMUP_TOKENS, NUM_WARMUP_PROMPTS, pad_id)
     wall_s, token_ids = run_hf(model, prompts, args.max_tokens, args.hf_batch_size, pad_id)
     return make_result("transformers", wall_s, prompts, args.max_tokens * len(prompts), load_s), token_ids
+
+
+def divergences(tf_ids: list[list[int]], hf_ids: list[list[int]], eos_id: int) -> list[dict]:
+    """Where greedy outputs first differ. transformers' min_new_tokens masks EOS while
+    ignore_eos lets the engine emit it, so a divergence at an engine EOS is expected."""
+    found = []
+    for i, (a, b) in enumerate(zip(tf_ids, hf_ids)):
+        pos = next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if pos is not None:
+            found.append({"prompt": i, "position": pos, "tokenforge_token": a[pos], "transformers_token": b[pos],
+                          "tokenforge_token_is_eos": a[pos] == eos_id})
+    return found
 
 
 def machine_info() -> dict:
@@ -173,12 +183,16 @@ def main() -> None:
     info = {"machine": machine_info(), "git": git_info()}
     gguf_path = resolve_model(args.model)
     conversations = build_prompts(args.num_prompts)
-    tf_result, prompts, tf_ids, pad_id = bench_tokenforge(args, conversations)
+    tf_result, prompts, tf_ids, tokenizer = bench_tokenforge(args, conversations)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     gc.collect()  # the tokenforge engine (and its KV cache) goes before transformers loads
     hf_result, hf_ids = bench_hf(args, gguf_path, prompts, pad_id)
     ratio = tf_result.output_tokens_per_s / hf_result.output_tokens_per_s
-    num_matching = sum(a == b for a, b in zip(tf_ids, hf_ids))
+    diverged = divergences(tf_ids, hf_ids, tokenizer.eos_token_id)
+    num_matching = len(prompts) - len(diverged)
     print_table([tf_result, hf_result], ratio, num_matching, len(prompts))
+    num_at_eos = sum(d["tokenforge_token_is_eos"] for d in diverged)
+    print(f"of the {len(diverged)} that differ, {num_at_eos} first differ where tokenforge emitted EOS")
     lengths = [len(p) for p in prompts]
     info["config"] = {"model": args.model, "gguf_file": str(gguf_path), "num_prompts": args.num_prompts,
                       "max_tokens": args.max_tokens, "dtype": "float32", "hf_batch_size": args.hf_batch_size,
@@ -187,6 +201,7 @@ def main() -> None:
     info["results"] = [asdict(tf_result), asdict(hf_result)]
     info["ratio_output_tokens_per_s"] = ratio
     info["num_greedy_outputs_identical"] = num_matching
+    info["greedy_divergences"] = diverged
     info["load_average_at_end"] = os.getloadavg()
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     path = RESULTS_DIR / f"throughput-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"

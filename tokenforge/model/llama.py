@@ -31,7 +31,7 @@ class Attention(nn.Module):
         k = self.rotary(positions, k.view(-1, self.num_kv_heads, self.head_dim))
         v = v.reshape(-1, self.num_kv_heads, self.head_dim)
         write_kv(kv_cache, k, v, meta.slot_mapping)
-        o = paged_attention(q, kv_cache, meta, self.scale)
+        o = paged_attention(q, k, v, kv_cache, meta, self.scale)
         return self.o_proj(o.view(-1, self.q_size))
 
 

@@ -31,32 +31,39 @@ def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
 
 
 def paged_attention(
-    q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata,
+    scale: float,
 ) -> torch.Tensor:
-    """q: [num_tokens, num_heads, head_dim] -> [num_tokens, num_heads, head_dim]."""
+    """q: [num_tokens, num_heads, head_dim]; k, v: this step's keys and values, already in kv_cache.
+
+    Returns [num_tokens, num_heads, head_dim].
+    """
     out = torch.empty_like(q)
-    k_cache, v_cache = kv_cache[0], kv_cache[1]  # [num_blocks, block_size, num_kv_heads, head_dim]
-    num_kv_heads, head_dim = k_cache.shape[2:]
+    num_kv_heads, head_dim = kv_cache.shape[3:]
     d = meta.num_decodes
     if d:
-        # [num_decodes, max_num_blocks * block_size, num_kv_heads, head_dim] -> heads first
-        k = k_cache[meta.decode_block_tables].view(d, -1, num_kv_heads, head_dim).transpose(1, 2)
-        v = v_cache[meta.decode_block_tables].view(d, -1, num_kv_heads, head_dim).transpose(1, 2)
+        # One gather for K and V: [2, num_decodes, max_num_blocks * block_size, num_kv_heads, head_dim]
+        kv = kv_cache[:, meta.decode_block_tables].view(2, d, -1, num_kv_heads, head_dim)
         o = F.scaled_dot_product_attention(
-            q[:d].unsqueeze(2), k, v, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+            q[:d].unsqueeze(2), kv[0].transpose(1, 2), kv[1].transpose(1, 2),
+            attn_mask=meta.decode_mask, scale=scale, enable_gqa=True,
         )  # [num_decodes, num_heads, 1, head_dim]
         out[:d] = o.squeeze(2)
     for (start, num_query, context_len), block_ids in zip(meta.prefills, meta.prefill_block_ids):
-        k = k_cache[block_ids].view(-1, num_kv_heads, head_dim)[:context_len].transpose(0, 1)
-        v = v_cache[block_ids].view(-1, num_kv_heads, head_dim)[:context_len].transpose(0, 1)
         qs = q[start : start + num_query].transpose(0, 1)  # [num_heads, num_query, head_dim]
         if num_query == context_len:
-            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
+            # No earlier context: this step's K/V are the whole context, no need to read the cache.
+            ks = k[start : start + num_query].transpose(0, 1)
+            vs = v[start : start + num_query].transpose(0, 1)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
         else:
+            kv = kv_cache[:, block_ids].view(2, -1, num_kv_heads, head_dim)[:, :context_len]
             # Query i sits at position context_len - num_query + i and sees keys up to there.
             offset = context_len - num_query
             rows = torch.arange(num_query, device=q.device).unsqueeze(1) + offset
             mask = torch.arange(context_len, device=q.device).unsqueeze(0) <= rows
-            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+            o = F.scaled_dot_product_attention(
+                qs, kv[0].transpose(0, 1), kv[1].transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=True
+            )
         out[start : start + num_query] = o.transpose(0, 1)
     return out
