@@ -1,0 +1,104 @@
+"""The outermost layer of every HTTP request: x-request-id, a bound on the body size, counting
+requests by status, and a last-resort 500 in OpenAI's shape (the server must never crash).
+
+Pure ASGI rather than BaseHTTPMiddleware, which would buffer streams and hide disconnects.
+"""
+
+import logging
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tokenforge.server.errors import APIError
+from tokenforge.server.metrics import ServerMetrics
+
+logger = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = b"x-request-id"
+MAX_REQUEST_ID_LEN = 128
+DEFAULT_MAX_BODY_BYTES = 8 << 20
+KNOWN_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize",
+                             "/health", "/metrics"})
+
+
+class BodyTooLargeError(Exception):
+    pass
+
+
+def pick_request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's x-request-id when it is sane (printable ASCII, not too long), else a new one."""
+    for name, value in headers:
+        if name.lower() == REQUEST_ID_HEADER:
+            if 0 < len(value) <= MAX_REQUEST_ID_LEN and all(0x21 <= b <= 0x7E for b in value):
+                return value.decode("ascii")
+            break
+    return uuid.uuid4().hex
+
+
+def content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name.lower() == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class RequestContextMiddleware:
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+        self.app = app
+        self.metrics = metrics
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = pick_request_id(scope["headers"])
+        scope.setdefault("state", {})["request_id"] = request_id
+        path = scope["path"]
+        endpoint = path if path in KNOWN_ENDPOINTS else "other"
+        if path.startswith("/v1/models/"):
+            endpoint = "/v1/models/{model}"
+        started = False
+        num_body_bytes = 0
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER]
+                message = {**message, "headers": [*headers, (REQUEST_ID_HEADER, request_id.encode())]}
+                self.metrics.requests.labels(endpoint, str(message["status"])).inc()
+            await send(message)
+
+        async def receive_bounded() -> Message:
+            nonlocal num_body_bytes
+            message = await receive()
+            if message["type"] == "http.request":
+                num_body_bytes += len(message.get("body", b""))
+                if num_body_bytes > self.max_body_bytes:
+                    raise BodyTooLargeError()
+            return message
+
+        length = content_length(scope["headers"])
+        if length is not None and length > self.max_body_bytes:
+            await self._send_error(send_with_id, APIError(
+                413, f"The request body has {length} bytes; this server takes at most {self.max_body_bytes}.",
+                code="request_too_large"))
+            return
+        try:
+            await self.app(scope, receive_bounded, send_with_id)
+        except Exception:  # noqa: BLE001 - anything that escaped the exception handlers
+            logger.exception("unhandled error serving %s %s (request id %s)", scope["method"], path, request_id)
+            if not started:
+                await self._send_error(send_with_id, APIError(
+                    500, "The server had an internal error while processing the request.", type="server_error"))
+
+    @staticmethod
+    async def _send_error(send: Send, error: APIError) -> None:
+        response = error.response()
+        await send({"type": "http.response.start", "status": response.status_code,
+                    "headers": response.raw_headers})
+        await send({"type": "http.response.body", "body": response.body})
