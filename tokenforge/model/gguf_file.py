@@ -63,14 +63,24 @@ def read_config(reader) -> dict:
     scaling_type = _field(reader, f"{arch}.rope.scaling.type")
     if scaling_type not in (None, "none"):
         raise ModelFileError(f"GGUF rope scaling {scaling_type!r} is not supported yet")
+    # llama.cpp's converter stores Llama 3.1's scaling as this tensor of per-frequency divisors.
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if rope_freqs is not None:
+        factors = np.asarray(rope_freqs.data, dtype=np.float32).reshape(-1)
+        config["rope_scaling"] = {"rope_type": "freq_factors", "factors": factors.tolist()}
     return config
 
 
 def iter_tensors(reader, path: Path):
     """Yields (name, float32 tensor) one at a time, dequantizing as it goes."""
     from gguf.quants import dequantize
+    from rich.console import Console
+    from rich.progress import track
 
-    for tensor in reader.tensors:
+    console = Console(stderr=True)
+    tensors = track(reader.tensors, description=f"loading {path.name}", console=console,
+                    disable=not console.is_terminal, transient=True)
+    for tensor in tensors:
         try:
             array = dequantize(tensor.data, tensor.tensor_type)
         except (NotImplementedError, ValueError) as exc:

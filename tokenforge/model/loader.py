@@ -33,7 +33,8 @@ def build_model(arch_config: ArchConfig, dtype: torch.dtype, device: torch.devic
     """The module tree with uninitialised parameters of `dtype` on `device` (no init pass)."""
     with torch.device("meta"):
         model = get_model_class(arch_config.architecture)(arch_config)
-    model = model.to_empty(device=device).to(dtype)
+    # Cast on the meta device (free), then allocate once: no transient fp32 copy for bf16.
+    model = model.to(dtype).to_empty(device=device)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build(device)

@@ -32,8 +32,11 @@ class RotaryEmbedding(nn.Module):
         """(Re)computes the cos/sin tables on `device` (models are built on the meta device)."""
         head_dim, theta, scaling = self.head_dim, self.theta, self.scaling
         inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim))
-        if scaling and scaling.get("rope_type", scaling.get("type")) == "llama3":
+        rope_type = scaling.get("rope_type", scaling.get("type")) if scaling else None
+        if rope_type == "llama3":
             inv_freq = llama3_scale(inv_freq, scaling)
+        elif rope_type == "freq_factors":  # llama.cpp's rope_freqs tensor: one divisor per frequency
+            inv_freq = inv_freq / torch.tensor(scaling["factors"], dtype=torch.float32, device="cpu")
         positions = torch.arange(self.max_positions, dtype=torch.float32, device="cpu")
         freqs = torch.outer(positions, inv_freq).to(device)
         # [max_positions, head_dim // 2]
