@@ -1,5 +1,8 @@
 """ModelRunner: turns a SchedulerOutput into one flat batch, runs the model, samples tokens."""
 
+import math
+import mmap
+
 import torch
 
 from tokenforge.engine.kv_cache_manager import cdiv
@@ -17,12 +20,10 @@ class ModelRunner:
         self.device = device
         self.block_size = block_size
         self.num_blocks = num_blocks
-        # [num_layers, 2 (k, v), num_blocks, block_size, num_kv_heads, head_dim]; zeroed so that
+        # [num_layers, num_blocks, block_size, 2 (k, v), num_kv_heads, head_dim]; zeroed so that
         # padded reads of never-written slots see finite values.
-        self.kv_caches = torch.zeros(
-            arch.num_layers, 2, num_blocks, block_size, arch.num_kv_heads, arch.head_dim,
-            dtype=dtype, device=device,
-        )
+        shape = (arch.num_layers, num_blocks, block_size, 2, arch.num_kv_heads, arch.head_dim)
+        self.kv_caches = allocate_zeroed(shape, dtype, device)
         self.sampler = Sampler()
 
     @torch.inference_mode()
@@ -93,6 +94,15 @@ class ModelRunner:
         lens = torch.tensor(context_lens, dtype=torch.int64, device=self.device)
         mask = torch.arange(width, device=self.device).unsqueeze(0) < lens.unsqueeze(1)
         return mask.view(len(context_lens), 1, 1, width)
+
+
+def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros; on the CPU from an anonymous mapping, which the kernel zero-fills page by page on
+    first touch, so the budget is reserved at start but memory is used only as blocks fill."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    num_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    return torch.frombuffer(mmap.mmap(-1, num_bytes), dtype=dtype).view(shape)
 
 
 def _token_slice(request: Request, start: int, end: int) -> list[int]:

@@ -24,10 +24,13 @@ class AttentionMetadata:
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """kv_cache: [2, num_blocks, block_size, num_kv_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim]."""
+    """kv_cache: [num_blocks, block_size, 2, num_kv_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
+
+    Blocks come first so that reading a block table is one contiguous row gather (index_select).
+    """
     num_kv_heads, head_dim = k.shape[1:]
-    kv_cache[0].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, k)
-    kv_cache[1].view(-1, num_kv_heads, head_dim).index_copy_(0, slot_mapping, v)
+    slots = kv_cache.view(-1, 2, num_kv_heads, head_dim)
+    slots.index_copy_(0, slot_mapping, torch.stack((k, v), dim=1))
 
 
 def paged_attention(
@@ -42,10 +45,10 @@ def paged_attention(
     num_kv_heads, head_dim = kv_cache.shape[3:]
     d = meta.num_decodes
     if d:
-        # One gather for K and V: [2, num_decodes, max_num_blocks * block_size, num_kv_heads, head_dim]
-        kv = kv_cache[:, meta.decode_block_tables].view(2, d, -1, num_kv_heads, head_dim)
+        # One gather for K and V: [num_decodes, max_num_blocks * block_size, 2, num_kv_heads, head_dim]
+        kv = kv_cache.index_select(0, meta.decode_block_tables.view(-1)).view(d, -1, 2, num_kv_heads, head_dim)
         o = F.scaled_dot_product_attention(
-            q[:d].unsqueeze(2), kv[0].transpose(1, 2), kv[1].transpose(1, 2),
+            q[:d].unsqueeze(2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
             attn_mask=meta.decode_mask, scale=scale, enable_gqa=True,
         )  # [num_decodes, num_heads, 1, head_dim]
         out[:d] = o.squeeze(2)
@@ -57,13 +60,13 @@ def paged_attention(
             vs = v[start : start + num_query].transpose(0, 1)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            kv = kv_cache[:, block_ids].view(2, -1, num_kv_heads, head_dim)[:, :context_len]
+            kv = kv_cache.index_select(0, block_ids).view(-1, 2, num_kv_heads, head_dim)[:context_len]
             # Query i sits at position context_len - num_query + i and sees keys up to there.
             offset = context_len - num_query
             rows = torch.arange(num_query, device=q.device).unsqueeze(1) + offset
             mask = torch.arange(context_len, device=q.device).unsqueeze(0) <= rows
             o = F.scaled_dot_product_attention(
-                qs, kv[0].transpose(0, 1), kv[1].transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=True
+                qs, kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=True
             )
         out[start : start + num_query] = o.transpose(0, 1)
     return out
