@@ -53,11 +53,12 @@ def paged_attention(
         )  # [num_decodes, num_heads, 1, head_dim]
         out[:d] = o.squeeze(2)
     for (start, num_query, context_len), block_ids in zip(meta.prefills, meta.prefill_block_ids):
-        qs = q[start : start + num_query].transpose(0, 1)  # [num_heads, num_query, head_dim]
+        # 4-D [1, heads, tokens, head_dim]: 3-D inputs fall back to SDPA's slow math path on CPU.
+        qs = q[start : start + num_query].transpose(0, 1).unsqueeze(0)
         if num_query == context_len:
             # No earlier context: this step's K/V are the whole context, no need to read the cache.
-            ks = k[start : start + num_query].transpose(0, 1)
-            vs = v[start : start + num_query].transpose(0, 1)
+            ks = k[start : start + num_query].transpose(0, 1).unsqueeze(0)
+            vs = v[start : start + num_query].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
         else:
             kv = kv_cache.index_select(0, block_ids).view(-1, 2, num_kv_heads, head_dim)[:context_len]
@@ -65,8 +66,8 @@ def paged_attention(
             offset = context_len - num_query
             rows = torch.arange(num_query, device=q.device).unsqueeze(1) + offset
             mask = torch.arange(context_len, device=q.device).unsqueeze(0) <= rows
-            o = F.scaled_dot_product_attention(
-                qs, kv[:, 0].transpose(0, 1), kv[:, 1].transpose(0, 1), attn_mask=mask, scale=scale, enable_gqa=True
-            )
-        out[start : start + num_query] = o.transpose(0, 1)
+            ks = kv[:, 0].transpose(0, 1).unsqueeze(0)
+            vs = kv[:, 1].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start : start + num_query] = o[0].transpose(0, 1)
     return out
