@@ -194,7 +194,7 @@ def main() -> None:
     num_at_eos = sum(d["tokenforge_token_is_eos"] for d in diverged)
     print(f"of the {len(diverged)} that differ, {num_at_eos} first differ where tokenforge emitted EOS")
     lengths = [len(p) for p in prompts]
-    info["config"] = {"model": args.model, "gguf_file": str(gguf_path), "num_prompts": args.num_prompts,
+    info["config"] = {"model": args.model, "gguf_file": gguf_path.name, "num_prompts": args.num_prompts,
                       "max_tokens": args.max_tokens, "dtype": "float32", "hf_batch_size": args.hf_batch_size,
                       "block_size": args.block_size, "prompt_tokens_min_max": [min(lengths), max(lengths)],
                       "num_warmup_prompts": NUM_WARMUP_PROMPTS, "num_warmup_tokens": NUM_WARMUP_TOKENS}
