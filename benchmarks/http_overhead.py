@@ -145,7 +145,7 @@ def wait_healthy(base_url: str, is_alive) -> None:
 def start_thread_server(engine: AsyncEngine) -> tuple[str, uvicorn.Server, threading.Thread]:
     """uvicorn in a thread of this process, over the engine the direct path uses."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, SERVED_NAME), host="127.0.0.1", port=port,
+    server = uvicorn.Server(uvicorn.Config(create_app({SERVED_NAME: engine}), host="127.0.0.1", port=port,
                                            log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
     thread.start()

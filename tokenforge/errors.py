@@ -27,3 +27,7 @@ class EngineDeadError(TokenforgeError, RuntimeError):
 
 class QueueFullError(TokenforgeError):
     """The waiting queue is at its bound; the caller should retry later (becomes a 503)."""
+
+
+class ConfigError(TokenforgeError):
+    """A config file or a set of command-line options that cannot work (the CLI exits with 1)."""

@@ -18,10 +18,19 @@ def parse_bytes(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
-def add_engine_args(parser: argparse.ArgumentParser) -> None:
+# The engine options, by their argparse names; `tokenforge serve`'s config file uses the same keys.
+ENGINE_OPTIONS = ("model", "dtype", "device", "load_format", "max_model_len", "kv_cache_memory", "block_size",
+                  "no_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "max_num_waiting", "cache_dir")
+
+
+def add_engine_args(parser: argparse.ArgumentParser, *, repeat_model: bool = False) -> None:
+    """`repeat_model`: --model may be given several times (a list, None when never given)."""
     group = parser.add_argument_group("engine")
-    group.add_argument("--model", default=DEFAULT_MODEL,
-                       help=f"catalog name, .gguf file, HF model directory or repo id (default {DEFAULT_MODEL})")
+    model_help = f"catalog name, .gguf file, HF model directory or repo id (default {DEFAULT_MODEL})"
+    if repeat_model:
+        group.add_argument("--model", action="append", default=None, help=model_help + "; repeat to serve several")
+    else:
+        group.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     group.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     group.add_argument("--device", default="auto", help="auto, cpu or cuda")
     group.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
@@ -41,12 +50,28 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                        help="model cache (default $TOKENFORGE_CACHE_DIR or ~/.cache/tokenforge)")
 
 
-def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+def engine_options_from_args(args: argparse.Namespace) -> dict:
+    """{option: value} of every engine option on the command line (defaults included)."""
+    return {name: getattr(args, name) for name in ENGINE_OPTIONS}
+
+
+def engine_config_from_options(options: dict) -> EngineConfig:
+    """ENGINE_OPTIONS -> EngineConfig; kv_cache_memory may be a size string ('2GiB'), cache_dir a string."""
+    kv_cache_memory = options["kv_cache_memory"]
+    if isinstance(kv_cache_memory, str):
+        kv_cache_memory = parse_bytes(kv_cache_memory)
+    cache_dir = None if options["cache_dir"] is None else Path(options["cache_dir"]).expanduser()
     return EngineConfig(
-        model=ModelConfig(model=args.model, dtype=args.dtype, device=args.device, load_format=args.load_format,
-                          max_model_len=args.max_model_len, cache_dir=args.cache_dir),
-        cache=CacheConfig(block_size=args.block_size, kv_cache_memory_bytes=args.kv_cache_memory,
-                          enable_prefix_caching=not args.no_prefix_caching),
-        scheduler=SchedulerConfig(max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-                                  max_num_waiting=args.max_num_waiting),
+        model=ModelConfig(model=options["model"], dtype=options["dtype"], device=options["device"],
+                          load_format=options["load_format"], max_model_len=options["max_model_len"],
+                          cache_dir=cache_dir),
+        cache=CacheConfig(block_size=options["block_size"], kv_cache_memory_bytes=kv_cache_memory,
+                          enable_prefix_caching=not options["no_prefix_caching"]),
+        scheduler=SchedulerConfig(max_num_seqs=options["max_num_seqs"],
+                                  max_num_batched_tokens=options["max_num_batched_tokens"],
+                                  max_num_waiting=options["max_num_waiting"]),
     )
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    return engine_config_from_options(engine_options_from_args(args))

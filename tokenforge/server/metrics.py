@@ -1,10 +1,12 @@
-"""Prometheus metrics of one server: requests by status, tokens, latency histograms, and engine
-gauges (running / waiting requests, KV cache use, prefix-cache hit rate) read at scrape time.
+"""Prometheus metrics of one server: requests by status, tokens, latency histograms (all models
+together), and engine gauges per served model (`model` label: running / waiting requests, KV cache
+use, prefix-cache hit rate, health) read at scrape time.
 
 Each app has its own CollectorRegistry, so several servers can live in one process (tests).
 """
 
 import time
+from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -19,29 +21,36 @@ _ITL_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.
                   0.4, 0.5, 0.75, 1.0, 2.5)
 
 
-class _EngineCollector(Collector):
-    """Gauges read from the engine core when Prometheus scrapes."""
+_ENGINE_GAUGES = (
+    ("tokenforge_num_requests_running", "Requests in the running batch."),
+    ("tokenforge_num_requests_waiting", "Requests waiting for admission."),
+    ("tokenforge_kv_cache_usage_ratio", "Share of KV cache blocks in use (0 to 1)."),
+    ("tokenforge_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens looked up, "
+     "since start."),
+    ("tokenforge_engine_healthy", "1 while the engine loop is alive and stepping."),
+)
 
-    def __init__(self, engine):
-        self.engine = engine
+
+class _EngineCollector(Collector):
+    """Gauges read from each model's engine core when Prometheus scrapes, labelled by served name."""
+
+    def __init__(self, engines: Mapping):
+        self.engines = engines
 
     def collect(self):
-        stats = self.engine.core.stats()
-        gauges = (
-            ("tokenforge_num_requests_running", "Requests in the running batch.", stats["num_running"]),
-            ("tokenforge_num_requests_waiting", "Requests waiting for admission.", stats["num_waiting"]),
-            ("tokenforge_kv_cache_usage_ratio", "Share of KV cache blocks in use (0 to 1).", stats["kv_cache_usage"]),
-            ("tokenforge_prefix_cache_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens "
-             "looked up, since start.", stats["prefix_cache_hit_rate"]),
-            ("tokenforge_engine_healthy", "1 while the engine loop is alive and stepping.",
-             float(self.engine.is_healthy)),
-        )
-        for name, doc, value in gauges:
-            yield GaugeMetricFamily(name, doc, value=value)
+        families = [GaugeMetricFamily(name, doc, labels=["model"]) for name, doc in _ENGINE_GAUGES]
+        for model, engine in self.engines.items():
+            stats = engine.core.stats()
+            values = (stats["num_running"], stats["num_waiting"], stats["kv_cache_usage"],
+                      stats["prefix_cache_hit_rate"], float(engine.is_healthy))
+            for family, value in zip(families, values, strict=True):
+                family.add_metric([model], value)
+        yield from families
 
 
 class ServerMetrics:
-    def __init__(self, engine):
+    def __init__(self, engines: Mapping):
+        """`engines`: served name -> AsyncEngine, for the per-model gauges."""
         self.registry = CollectorRegistry()
         self.requests = Counter("tokenforge_requests", "HTTP requests by endpoint and status code.",
                                 ["endpoint", "status"], registry=self.registry)
@@ -57,7 +66,7 @@ class ServerMetrics:
         self.e2e_latency = Histogram("tokenforge_e2e_request_latency_seconds",
                                      "From admission to the last token of one request.",
                                      buckets=_LATENCY_BUCKETS_S, registry=self.registry)
-        self.registry.register(_EngineCollector(engine))
+        self.registry.register(_EngineCollector(engines))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -44,7 +44,7 @@ class ChatMessage(RequestModel):
 class SamplingRequest(RequestModel):
     """Fields shared by chat and completions; SamplingParams checks their ranges."""
 
-    model: str | None = None  # None: the served model
+    model: str | None = None  # None: the only served model (required when a server has several)
     n: int = Field(1, ge=1, le=MAX_N)
     temperature: float | None = None
     top_p: float | None = None

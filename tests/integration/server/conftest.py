@@ -24,29 +24,39 @@ NUM_BLOCKS = 128  # 2,048 tokens of KV cache: the context, and what a freed requ
 @dataclass
 class RunningServer:
     base_url: str
-    core: EngineCore
-    engine: AsyncEngine
+    cores: dict[str, EngineCore]  # by served name
+    engines: dict[str, AsyncEngine]
     server: uvicorn.Server
     thread: threading.Thread
+
+    @property
+    def core(self) -> EngineCore:
+        return next(iter(self.cores.values()))
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return next(iter(self.engines.values()))
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(15)
-        self.engine.shutdown()
+        for engine in self.engines.values():
+            engine.shutdown()
 
 
-def make_server(loaded, **engine_options) -> RunningServer:
-    """Starts an engine and a server on a free port; returns once /health answers 200."""
-    core = make_engine_core(loaded, **engine_options)
-    engine = AsyncEngine(core).start()
-    app = create_app(engine, MODEL)
+def make_server(loaded, names: tuple[str, ...] = (MODEL,), **engine_options) -> RunningServer:
+    """Starts one engine per served name (over the same weights) and a server on a free port;
+    returns once /health answers 200."""
+    cores = {name: make_engine_core(loaded, **engine_options) for name in names}
+    engines = {name: AsyncEngine(core).start() for name, core in cores.items()}
+    app = create_app(engines)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}", daemon=True)
     thread.start()
-    running = RunningServer(f"http://127.0.0.1:{port}", core, engine, server, thread)
+    running = RunningServer(f"http://127.0.0.1:{port}", cores, engines, server, thread)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         try:
