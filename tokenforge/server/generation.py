@@ -143,6 +143,21 @@ class RequestGroup:
             raise
 
 
+async def collect_choices(raw: Request, group: RequestGroup, num_choices: int) -> list["ChoiceState"] | None:
+    """Runs a non-streaming request group to the end: its choices, or None if the client left."""
+
+    async def collect() -> list[ChoiceState]:
+        choices = [ChoiceState() for _ in range(num_choices)]
+        async for index, out in group:
+            choices[index].update(out, keep=True)
+        return choices
+
+    try:
+        return await cancel_on_disconnect(raw, collect())
+    finally:
+        await group.close()
+
+
 async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | None:
     """Runs `work` until it ends or the client disconnects; then cancels it and returns None."""
     task = asyncio.ensure_future(work)

@@ -9,7 +9,7 @@ from starlette.requests import Request
 from tokenforge.engine.async_engine import AsyncEngine
 from tokenforge.errors import InvalidRequestError
 from tokenforge.server.errors import to_api_error
-from tokenforge.server.generation import (ChoiceState, RequestGroup, cancel_on_disconnect, check_context,
+from tokenforge.server.generation import (ChoiceState, RequestGroup, check_context, collect_choices,
                                           check_num_sequences, make_sampling_params, make_usage, random_id)
 from tokenforge.server.metrics import ServerMetrics
 from tokenforge.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
@@ -69,10 +69,7 @@ class ChatHandler:
         await group.start()
         if req.stream:
             return EventStreamResponse(self._stream(group, completion_id, req), on_close=group.close)
-        try:
-            choices = await cancel_on_disconnect(raw, self._collect(group, req.n))
-        finally:
-            await group.close()
+        choices = await collect_choices(raw, group, req.n)
         if choices is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         body = ChatCompletion(
@@ -86,12 +83,6 @@ class ChatHandler:
             usage=make_usage(choices, req.n),
         )
         return Response(body.model_dump_json(), media_type="application/json")
-
-    async def _collect(self, group: RequestGroup, n: int) -> list[ChoiceState]:
-        choices = [ChoiceState() for _ in range(n)]
-        async for index, out in group:
-            choices[index].update(out, keep=True)
-        return choices
 
     async def _stream(self, group: RequestGroup, completion_id: str,
                       req: ChatCompletionRequest) -> AsyncIterator[bytes]:

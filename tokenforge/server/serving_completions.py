@@ -13,7 +13,7 @@ from starlette.requests import Request
 from tokenforge.engine.async_engine import AsyncEngine
 from tokenforge.errors import InvalidRequestError
 from tokenforge.server.errors import to_api_error
-from tokenforge.server.generation import (ChoiceState, RequestGroup, cancel_on_disconnect, check_context,
+from tokenforge.server.generation import (ChoiceState, RequestGroup, check_context, collect_choices,
                                           check_num_sequences, make_sampling_params, make_usage, random_id)
 from tokenforge.server.metrics import ServerMetrics
 from tokenforge.server.protocol import Completion, CompletionChoice, CompletionRequest, LegacyLogprobs, now_s
@@ -79,10 +79,7 @@ class CompletionHandler:
         echoes = [prompts[i // req.n].text if req.echo else "" for i in range(len(prompts) * req.n)]
         if req.stream:
             return EventStreamResponse(self._stream(group, completion_id, req, echoes), on_close=group.close)
-        try:
-            choices = await cancel_on_disconnect(raw, self._collect(group, len(echoes)))
-        finally:
-            await group.close()
+        choices = await collect_choices(raw, group, len(echoes))
         if choices is None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         body = Completion(
@@ -96,12 +93,6 @@ class CompletionHandler:
             usage=make_usage(choices, req.n),
         )
         return Response(body.model_dump_json(), media_type="application/json")
-
-    async def _collect(self, group: RequestGroup, num_choices: int) -> list[ChoiceState]:
-        choices = [ChoiceState() for _ in range(num_choices)]
-        async for index, out in group:
-            choices[index].update(out, keep=True)
-        return choices
 
     async def _stream(self, group: RequestGroup, completion_id: str, req: CompletionRequest,
                       echoes: list[str]) -> AsyncIterator[bytes]:
