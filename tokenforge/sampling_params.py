@@ -5,6 +5,10 @@ from dataclasses import dataclass, field
 from tokenforge.errors import InvalidRequestError
 
 MAX_TOP_LOGPROBS = 20
+MAX_STOP_STRINGS = 16  # each is searched for after every token, on the engine thread
+MAX_STOP_STRING_CHARS = 256
+# Temperatures below this are greedy: dividing logits by a subnormal number overflows to inf.
+GREEDY_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -38,7 +42,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_TEMPERATURE
 
     def validate(self) -> None:
         def bad(message: str, param: str) -> InvalidRequestError:
@@ -72,11 +76,18 @@ class SamplingParams:
             raise bad(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]", "logprobs")
         if any(not s for s in self.stop):
             raise bad("stop strings must not be empty", "stop")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise bad(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}", "stop")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            raise bad(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters", "stop")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise bad("seed is out of range", "seed")
 
     def validate_for_vocab(self, vocab_size: int) -> None:
-        """Checks the token ids a request names against the model's vocabulary."""
+        """Checks the token ids a request names against the model's vocabulary; a top_k past the
+        vocabulary means no limit."""
+        if self.top_k is not None and self.top_k >= vocab_size:
+            self.top_k = None
         for token_id in list(self.logit_bias) + self.stop_token_ids:
             if not 0 <= token_id < vocab_size:
                 raise InvalidRequestError(

@@ -8,7 +8,8 @@ from tokenforge.sampling_params import SamplingParams
 
 
 @pytest.mark.parametrize("kwargs", [{"max_tokens": 0}, {"max_tokens": -3}, {"top_p": 0.0}, {"top_p": 1.5},
-                                    {"temperature": -1.0}, {"top_k": 0}, {"logprobs": 99}, {"stop": [""]}])
+                                    {"temperature": -1.0}, {"top_k": 0}, {"logprobs": 99}, {"stop": [""]},
+                                    {"stop": ["s"] * 17}, {"stop": ["z" * 257]}])
 def test_invalid_sampling_params(kwargs):
     with pytest.raises(InvalidRequestError) as info:
         SamplingParams(**kwargs)
@@ -46,3 +47,16 @@ def test_non_gguf_file(tmp_path):
     truncated.write_bytes(b"GGUF\x03\x00\x00\x00")
     with pytest.raises(ModelFileError, match="cut.gguf"):
         LLM(str(truncated))
+
+
+def test_extreme_sampling_values_do_not_break_the_engine(smollm2_loaded):
+    """A subnormal temperature would overflow the logits; a top_k past the vocabulary would
+    overflow a tensor: both are served (greedy, no top-k limit), and the engine stays up."""
+    llm = make_llm(smollm2_loaded)
+    greedy = llm.generate(["The sky is"], SamplingParams(temperature=0.0, max_tokens=6))[0].outputs[0]
+    tiny = llm.generate(["The sky is"], SamplingParams(temperature=1e-45, max_tokens=6))[0].outputs[0]
+    assert tiny.token_ids == greedy.token_ids
+    huge_k = llm.generate(["The sky is"], SamplingParams(temperature=1.0, top_k=2**63, top_p=0.9, seed=1,
+                                                         max_tokens=6))[0].outputs[0]
+    assert len(huge_k.token_ids) == 6
+    assert all(0 <= t < llm.engine.arch.vocab_size for t in huge_k.token_ids)

@@ -41,6 +41,7 @@ class AsyncEngine:
         self._to_abort: deque[str] = deque()
         self._streams: dict[str, _Stream] = {}  # guarded by _lock
         self._stopping = False
+        self._closed = False  # set under _lock once no stream will ever be served again
         self.error: BaseException | None = None
         self.step_started_at: float | None = None  # set while a step runs
         self.num_steps = 0
@@ -74,6 +75,9 @@ class AsyncEngine:
         request = self.core.make_request(request_id, prompt_token_ids, params)
         stream = _Stream(asyncio.get_running_loop())
         with self._lock:
+            if self._closed:
+                self._check_alive()
+                raise EngineDeadError("the engine is not running")
             if len(self._streams) >= self.core.config.scheduler.max_num_waiting + self.core.config.scheduler.max_num_seqs:
                 raise QueueFullError("the engine's queue is full; retry later")
             if request_id in self._streams:
@@ -166,6 +170,7 @@ class AsyncEngine:
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
+            self._closed = True  # checked under the same lock by generate(): no stream slips in
             streams, self._streams = list(self._streams.values()), {}
             self._to_add.clear()
         for stream in streams:

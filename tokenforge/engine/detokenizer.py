@@ -38,9 +38,9 @@ class IncrementalDetokenizer:
         """All text emitted or emittable so far."""
         return self._text[: len(self._text) - self._num_held_chars()]
 
-    def update(self, new_token_ids: list[int]) -> str | None:
+    def update(self, new_token_ids: list[int], check_stop: bool = True) -> str | None:
         """Adds newly generated token ids; returns the stop string matched (the request must
-        then finish), or None."""
+        then finish), or None. With check_stop False the new text is not searched for stops."""
         if self._finished:
             return None
         num_old_chars = len(self._text)
@@ -49,7 +49,7 @@ class IncrementalDetokenizer:
         for token in self._to_tokens(new_token_ids):
             self._tokens.append(token)
             self._decode_window(flush=False)
-        return self._check_stop(num_old_chars)
+        return self._check_stop(num_old_chars) if check_stop else None
 
     def take_delta(self) -> str:
         """Text that is safe to emit now and has not been emitted yet."""

@@ -98,18 +98,25 @@ class EngineCore:
         """Detokenizes the request's new token and applies stop strings."""
         new_token_ids = request.output_token_ids[-1:]
         detokenizer = self.detokenizers.get(request.request_id)
-        text = ""
-        if detokenizer is not None:
-            stop = detokenizer.update(new_token_ids)
-            if stop is not None and not request.is_finished:
-                request.stop_reason = stop
+        if detokenizer is None:
+            return self._output(request, new_token_ids, "")
+        params = request.sampling_params
+        stopped_by_token = request.status == RequestStatus.FINISHED_STOPPED
+        # As OpenAI and vLLM do, the text of a stop token (or EOS) is not part of the output.
+        visible = new_token_ids[:-1] if stopped_by_token and not params.include_stop_str_in_output else new_token_ids
+        # Stop strings count only once min_tokens are out (EOS and stop ids are banned until then).
+        stop = detokenizer.update(visible, check_stop=request.num_output_tokens > params.min_tokens)
+        if stop is not None:
+            request.stop_reason = stop
+            if request.is_finished:  # the same token also reached max_tokens: the stop string wins
+                request.status = RequestStatus.FINISHED_STOPPED
+            else:
                 self.scheduler.finish_request(request.request_id, RequestStatus.FINISHED_STOPPED)
-            if request.is_finished:
-                if stop is None:
-                    detokenizer.finish()
-                del self.detokenizers[request.request_id]
-            text = detokenizer.take_delta()
-        return self._output(request, new_token_ids, text)
+        if request.is_finished:
+            if stop is None:
+                detokenizer.finish()
+            del self.detokenizers[request.request_id]
+        return self._output(request, new_token_ids, detokenizer.take_delta())
 
     def _output(self, request: Request, new_token_ids: list[int], text: str) -> RequestOutput:
         num_new = len(new_token_ids)

@@ -37,7 +37,8 @@ def split_prompts(prompt: str | list) -> list[str | list[int]]:
     return list(prompt)
 
 
-def encode_prompts(tokenizer, prompts: list[str | list[int]], echo: bool) -> list[Prompt]:
+def encode_prompts(tokenizer, prompts: list[str | list[int]], echo: bool, vocab_size: int) -> list[Prompt]:
+    """Token ids (and the text to echo) of each prompt; token ids are range-checked first."""
     encoded = []
     for prompt in prompts:
         if isinstance(prompt, str):
@@ -45,6 +46,8 @@ def encode_prompts(tokenizer, prompts: list[str | list[int]], echo: bool) -> lis
                 raise InvalidRequestError("this model has no tokenizer: send token ids", param="prompt")
             encoded.append(Prompt(tokenizer.encode(prompt), prompt))
         else:
+            if any(not 0 <= t < vocab_size for t in prompt):
+                raise InvalidRequestError(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
             text = tokenizer.decode(prompt) if echo and tokenizer is not None else ""
             encoded.append(Prompt(list(prompt), text))
     return encoded
@@ -63,12 +66,10 @@ class CompletionHandler:
         vocab_size = core.arch.vocab_size
         raw_prompts = split_prompts(req.prompt)
         check_num_sequences(len(raw_prompts) * req.n, self.engine)
-        prompts = await asyncio.to_thread(encode_prompts, core.tokenizer, raw_prompts, req.echo)
+        prompts = await asyncio.to_thread(encode_prompts, core.tokenizer, raw_prompts, req.echo, vocab_size)
         for prompt in prompts:
             if not prompt.token_ids:
                 raise InvalidRequestError("the prompt is empty", param="prompt")
-            if any(not 0 <= t < vocab_size for t in prompt.token_ids):
-                raise InvalidRequestError(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
             check_context(len(prompt.token_ids), req.max_tokens, core.max_model_len, "prompt")
         params = make_sampling_params(req, req.max_tokens, req.logprobs, vocab_size)
         completion_id = random_id("cmpl")

@@ -118,7 +118,8 @@ def sample_from_probs(
         if generator is not None:
             uniform[row] = torch.rand(1, generator=generator, device=generator.device).item()
     targets = (1.0 - uniform) * cdf[:, -1]  # [n] in (0, total]
-    return torch.searchsorted(cdf, targets.unsqueeze(1)).squeeze(1)
+    # A NaN row (non-finite logits) would search past the end: keep every id inside the row.
+    return torch.searchsorted(cdf, targets.unsqueeze(1)).squeeze(1).clamp_(max=probs.shape[-1] - 1)
 
 
 def _needs_penalties(request: Request) -> bool:
@@ -138,7 +139,7 @@ class Sampler:
         num_rows = len(requests)
         params = [r.sampling_params for r in requests]
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
-        sampled_rows = [i for i, p in enumerate(params) if p.temperature != 0.0]
+        sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
         adjust_rows = [
             i
             for i, r in enumerate(requests)
