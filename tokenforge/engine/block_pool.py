@@ -77,9 +77,14 @@ class BlockPool:
         block.block_hash = block_hash
         self._cached[block_hash] = block
 
-    def reset_prefix_cache(self) -> None:
+    def reset_prefix_cache(self) -> bool:
+        """Forgets every cached prefix; refused (False) while requests hold blocks, whose hashes
+        the KV cache manager has already counted as registered."""
+        if self.num_free_blocks < self.num_blocks:
+            return False
         for block in self.blocks:
             self._evict(block)
+        return True
 
     def _evict(self, block: Block) -> None:
         if block.block_hash is not None:

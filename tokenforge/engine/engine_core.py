@@ -14,7 +14,7 @@ from tokenforge.engine.kv_cache_manager import KVCacheManager
 from tokenforge.engine.outputs import RequestOutput
 from tokenforge.engine.request import Request, RequestStatus
 from tokenforge.engine.scheduler import Scheduler
-from tokenforge.errors import InvalidRequestError
+from tokenforge.errors import ConfigError, InvalidRequestError
 from tokenforge.model.loader import LoadedModel
 from tokenforge.sampling_params import SamplingParams
 from tokenforge.worker.memory import num_kv_blocks
@@ -33,7 +33,7 @@ class EngineCore:
         capacity = num_blocks * block_size
         model_len = config.model.max_model_len or self.arch.max_position_embeddings
         if model_len > self.arch.max_position_embeddings:
-            raise InvalidRequestError(
+            raise ConfigError(
                 f"max_model_len {model_len} exceeds the model's context of {self.arch.max_position_embeddings}"
             )
         # One request alone must always fit in the cache, or preemption could never make room.

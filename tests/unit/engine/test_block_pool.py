@@ -204,12 +204,14 @@ def test_reset_prefix_cache_drops_every_hash():
     pool.cache_block(held, make_hash(0))
     pool.cache_block(freed, make_hash(1))
     pool.free_blocks([freed])
-    pool.reset_prefix_cache()
+    assert pool.reset_prefix_cache() is False  # a block is still held: nothing changes
+    assert pool.get_cached_block(make_hash(0)) is held and held.block_hash == make_hash(0)
+    pool.free_blocks([held])
+    assert pool.reset_prefix_cache() is True
     assert pool.get_cached_block(make_hash(0)) is None
     assert pool.get_cached_block(make_hash(1)) is None
     assert held.block_hash is None and freed.block_hash is None
-    assert held.ref_cnt == 1
-    assert pool.num_free_blocks == 1
+    assert pool.num_free_blocks == 2
 
 
 def test_usage_counts_cached_free_blocks_as_free():
