@@ -204,7 +204,7 @@ def test_unsupported_rope_scaling_is_refused(rope):
 
 
 def load_gguf(path: Path):
-    loaded = load(path, tokenizer_cache_dir=path.parent / "cache")
+    loaded = load(path, cache_dir=path.parent / "cache")
     assert loaded[0].tokenizer.eos_token_id == 2 and loaded[0].tokenizer.decode([5, 6]) == "w5w6"
     return loaded
 

@@ -46,7 +46,7 @@ def load(mc: ModelConfig) -> tuple[LoadedModel, torch.dtype, torch.device]:
     dummy_config = shape_config(mc.model) if mc.load_format == "dummy" else None
     path = None if dummy_config is not None else resolve_model(mc.model, cache_dir)
     loaded = load_model(path, dtype, device, dummy_config=dummy_config, load_format=mc.load_format,
-                        seed=mc.seed, tokenizer_cache_dir=cache_dir)
+                        seed=mc.seed, cache_dir=cache_dir)
     logger.info("loaded %s (%s, %.0fM parameters, %s on %s) in %.1f s", mc.model, loaded.arch_config.architecture,
                 loaded.arch_config.num_params / 1e6, dtype, device, time.monotonic() - started)
     return loaded, dtype, device

@@ -1,7 +1,10 @@
 """GGUF files: metadata -> a Hugging Face-style config, dequantized tensors, the tokenizer."""
 
 import hashlib
+import json
 import logging
+import math
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,25 +74,69 @@ def read_config(reader) -> dict:
     return config
 
 
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's raw data sits in the file, as GGUFReader lays it out."""
+
+    name: str
+    tensor_type: int  # a gguf.GGMLQuantizationType value
+    offset: int  # bytes from the start of the file
+    dtype: str  # numpy dtype of the raw data (uint8 for quantized blocks)
+    shape: list[int]  # shape of the raw data
+
+
+def tensor_entries(reader) -> list[TensorEntry]:
+    return [TensorEntry(t.name, int(t.tensor_type), int(t.data_offset), t.data.dtype.str, list(t.data.shape))
+            for t in reader.tensors]
+
+
+def read_index(path: Path, cache_dir: Path | None) -> tuple[dict, list[TensorEntry]]:
+    """(config, tensor entries) of a GGUF file. Parsing the metadata with the gguf package takes
+    seconds (one Python object per vocabulary entry), so the result is cached per file version."""
+    cached = cache_dir / "gguf-index" / f"{file_key(path)}.json" if cache_dir else None
+    if cached is not None and cached.is_file():
+        data = json.loads(cached.read_text())
+        return data["config"], [TensorEntry(**entry) for entry in data["tensors"]]
+    reader = open_gguf(path)
+    config, entries = read_config(reader), tensor_entries(reader)
+    if cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(".partial")
+        partial.write_text(json.dumps({"config": config, "tensors": [asdict(e) for e in entries]}))
+        partial.replace(cached)
+    return config, entries
+
+
 def iter_tensors(reader, path: Path):
     """Yields (name, float32 tensor) one at a time, dequantizing as it goes."""
+    return iter_entries(tensor_entries(reader), path)
+
+
+def iter_entries(entries: list[TensorEntry], path: Path):
+    """Yields (name, float32 tensor) for each entry, read from the mapped file and dequantized."""
+    from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
     from rich.console import Console
     from rich.progress import track
 
+    data = np.memmap(path, dtype=np.uint8, mode="r")
     console = Console(stderr=True)
-    tensors = track(reader.tensors, description=f"loading {path.name}", console=console,
-                    disable=not console.is_terminal, transient=True)
-    for tensor in tensors:
+    for entry in track(entries, description=f"loading {path.name}", console=console,
+                       disable=not console.is_terminal, transient=True):
+        qtype = GGMLQuantizationType(entry.tensor_type)
+        dtype = np.dtype(entry.dtype)
+        count = math.prod(entry.shape)
         try:
-            array = dequantize(tensor.data, tensor.tensor_type)
+            raw = np.frombuffer(data, dtype=dtype, count=count, offset=entry.offset).reshape(entry.shape)
+            array = dequantize(raw, qtype)
         except (NotImplementedError, ValueError) as exc:
-            raise ModelFileError(f"{path}: cannot read tensor {tensor.name} ({tensor.tensor_type.name}): {exc}") from None
+            raise ModelFileError(f"{path}: cannot read tensor {entry.name} ({qtype.name}): {exc}") from None
         # F32 tensors come back as read-only views of the file: np.require copies only those.
-        yield tensor.name, torch.from_numpy(np.require(array, np.float32, ["C", "W"]))
+        yield entry.name, torch.from_numpy(np.require(array, np.float32, ["C", "W"]))
 
 
-def _tokenizer_key(path: Path) -> str:
+def file_key(path: Path) -> str:
+    """Names one version of a file: its resolved path, size and modification time."""
     stat = path.stat()
     return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
 
@@ -98,7 +145,7 @@ def load_tokenizer(path: Path, cache_dir: Path | None):
     """The tokenizer and chat template inside the GGUF; converted once, then read from a cache."""
     from transformers import AutoTokenizer
 
-    cached = cache_dir / "tokenizers" / _tokenizer_key(path) if cache_dir else None
+    cached = cache_dir / "tokenizers" / file_key(path) if cache_dir else None
     if cached is not None and (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(str(cached))
     logger.info("building the tokenizer from %s (once)", path.name)

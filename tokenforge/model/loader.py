@@ -81,7 +81,7 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
 
 def load_model(path: Path | None, dtype: torch.dtype, device: torch.device, *,
                dummy_config: dict | None = None, load_format: str = "auto", seed: int = 0,
-               tokenizer_cache_dir: Path | None = None) -> LoadedModel:
+               cache_dir: Path | None = None) -> LoadedModel:
     if path is None:
         assert dummy_config is not None
         arch_config = ArchConfig.from_hf_config(dummy_config)
@@ -90,16 +90,16 @@ def load_model(path: Path | None, dtype: torch.dtype, device: torch.device, *,
         return LoadedModel(model, arch_config, None, None)
     if path.is_dir():
         return _load_hf_dir(path, dtype, device, load_format, seed)
-    reader = gguf_file.open_gguf(path)
-    arch_config = ArchConfig.from_hf_config(gguf_file.read_config(reader))
+    config, entries = gguf_file.read_index(path, cache_dir)
+    arch_config = ArchConfig.from_hf_config(config)
     model = build_model(arch_config, dtype, device)
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
         permute = arch_config.architecture in ("llama", "mistral")
         with torch.no_grad():
-            load_weights(model, gguf_file.iter_tensors(reader, path), "gguf", permute_qk=permute)
-    tokenizer = gguf_file.load_tokenizer(path, tokenizer_cache_dir)
+            load_weights(model, gguf_file.iter_entries(entries, path), "gguf", permute_qk=permute)
+    tokenizer = gguf_file.load_tokenizer(path, cache_dir)
     return LoadedModel(model, arch_config, tokenizer, path)
 
 
