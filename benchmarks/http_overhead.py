@@ -17,12 +17,11 @@ import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 
 import httpx
 import uvicorn
 
-from throughput import RESULTS_DIR, build_prompts, git_info, machine_info
+from throughput import build_prompts, git_info, machine_info, write_result
 from tokenforge.cli.engine_args import add_engine_args, engine_config_from_args
 from tokenforge.engine.async_engine import AsyncEngine
 from tokenforge.engine.engine_core import EngineCore
@@ -297,10 +296,7 @@ def main() -> None:
     info["ratio_server_to_direct"] = ratios
     info["runs"] = [asdict(r) for r in results]
     info["load_average_at_end"] = os.getloadavg()
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"http-overhead-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(info, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {write_result('http-overhead', info)}")
 
 
 if __name__ == "__main__":

@@ -7,19 +7,17 @@ Starts the real server as a subprocess on a free loopback port, waits for /healt
 import argparse
 import asyncio
 import json
-import os
 import re
 import socket
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import RESULTS_DIR, git_info, machine_info  # noqa: E402
+from throughput import git_info, machine_info, write_result  # noqa: E402
 
 
 def free_port() -> int:
@@ -82,10 +80,7 @@ def main() -> None:
         "completion_tokens": num_tokens,
     }
     print(json.dumps(result, indent=2))
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"memory-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}", file=sys.stderr)
+    print(f"wrote {write_result('memory', result)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

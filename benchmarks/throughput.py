@@ -147,6 +147,14 @@ def machine_info() -> dict:
             "load_average_at_start": os.getloadavg()}
 
 
+def write_result(kind: str, info: dict) -> Path:
+    """Writes one run's JSON to benchmarks/results/<kind>-<UTC time>.json."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{kind}-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(info, indent=2) + "\n")
+    return path
+
+
 def git_info() -> dict:
     def git(*cmd: str) -> str:
         return subprocess.run(["git", *cmd], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
@@ -203,10 +211,7 @@ def main() -> None:
     info["num_greedy_outputs_identical"] = num_matching
     info["greedy_divergences"] = diverged
     info["load_average_at_end"] = os.getloadavg()
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    path = RESULTS_DIR / f"throughput-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(info, indent=2) + "\n")
-    print(f"wrote {path}")
+    print(f"wrote {write_result('throughput', info)}")
 
 
 if __name__ == "__main__":
