@@ -4,7 +4,6 @@ Not thread-safe: one thread drives it (see async_engine for the asyncio front).
 """
 
 import logging
-import time
 
 import torch
 
@@ -41,7 +40,7 @@ class EngineCore:
         if self.max_model_len < model_len:
             logger.warning("KV cache holds %d tokens: max_model_len lowered from %d", capacity, model_len)
         logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB)", num_blocks, block_size,
-                    capacity, capacity * self.arch.kv_bytes_per_token(torch.empty((), dtype=dtype).element_size()) / 2**20)
+                    capacity, capacity * self.arch.kv_bytes_per_token(dtype.itemsize) / 2**20)
         self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
         self.runner = ModelRunner(loaded.model, self.arch, num_blocks, block_size, dtype, device)
@@ -141,5 +140,4 @@ class EngineCore:
             "num_waiting": self.scheduler.num_waiting,
             "kv_cache_usage": kv.usage,
             "prefix_cache_hit_rate": kv.num_prefix_hit_tokens / queried if queried else 0.0,
-            "time": time.monotonic(),
         }

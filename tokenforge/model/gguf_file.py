@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from tokenforge.errors import ModelFileError
+from tokenforge.model.pull import check_gguf_file
 
 logger = logging.getLogger(__name__)
 
@@ -20,10 +21,7 @@ _ARCH_NAMES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 def open_gguf(path: Path):
     from gguf import GGUFReader
 
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise ModelFileError(f"{path} is not a GGUF file (it starts with {magic!r})")
+    check_gguf_file(path)
     try:
         return GGUFReader(str(path))
     except Exception as exc:  # the gguf package raises bare ValueErrors/struct errors

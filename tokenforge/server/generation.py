@@ -18,6 +18,7 @@ from tokenforge.errors import InvalidRequestError
 from tokenforge.sampling_params import SamplingParams
 from tokenforge.server.metrics import ServerMetrics
 from tokenforge.server.protocol import PromptTokensDetails, SamplingRequest, Usage
+from tokenforge.server.token_text import TokenTexts
 
 T = TypeVar("T")
 
@@ -141,6 +142,16 @@ class RequestGroup:
         except Exception as exc:  # noqa: BLE001 - handed to the reader, who maps it to an error
             self._queue.put_nowait((index, exc))
             raise
+
+
+class Handler:
+    """What every endpoint handler holds: its engine, served name, metrics, token texts."""
+
+    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics):
+        self.engine = engine
+        self.model_name = model_name
+        self.metrics = metrics
+        self.token_texts = TokenTexts(engine.tokenizer)
 
 
 async def collect_choices(raw: Request, group: RequestGroup, num_choices: int) -> list["ChoiceState"] | None:

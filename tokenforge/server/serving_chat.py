@@ -6,17 +6,14 @@ from collections.abc import AsyncIterator
 from fastapi.responses import Response
 from starlette.requests import Request
 
-from tokenforge.engine.async_engine import AsyncEngine
 from tokenforge.errors import InvalidRequestError
 from tokenforge.server.errors import to_api_error
-from tokenforge.server.generation import (ChoiceState, RequestGroup, check_context, collect_choices,
+from tokenforge.server.generation import (ChoiceState, Handler, RequestGroup, check_context, collect_choices,
                                           check_num_sequences, make_sampling_params, make_usage, random_id)
-from tokenforge.server.metrics import ServerMetrics
 from tokenforge.server.protocol import (AssistantMessage, ChatChoice, ChatChunkChoice, ChatCompletion,
                                         ChatCompletionChunk, ChatCompletionRequest, ChatMessage, ChoiceLogprobs,
                                         TokenLogprob, TopLogprob, now_s)
 from tokenforge.server.sse import DONE, EventStreamResponse, error_event, event
-from tokenforge.server.token_text import TokenTexts
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
 
@@ -42,13 +39,7 @@ def apply_chat_template(tokenizer, messages: list[ChatMessage], add_generation_p
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
-class ChatHandler:
-    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics):
-        self.engine = engine
-        self.model_name = model_name
-        self.metrics = metrics
-        self.token_texts = TokenTexts(engine.tokenizer)
-
+class ChatHandler(Handler):
     async def create(self, req: ChatCompletionRequest, raw: Request) -> Response:
         req.check_supported()
         core = self.engine.core

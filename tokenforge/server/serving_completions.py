@@ -10,16 +10,13 @@ from dataclasses import dataclass
 from fastapi.responses import Response
 from starlette.requests import Request
 
-from tokenforge.engine.async_engine import AsyncEngine
 from tokenforge.errors import InvalidRequestError
 from tokenforge.server.errors import to_api_error
-from tokenforge.server.generation import (ChoiceState, RequestGroup, check_context, collect_choices,
+from tokenforge.server.generation import (ChoiceState, Handler, RequestGroup, check_context, collect_choices,
                                           check_num_sequences, make_sampling_params, make_usage, random_id)
-from tokenforge.server.metrics import ServerMetrics
 from tokenforge.server.protocol import Completion, CompletionChoice, CompletionRequest, LegacyLogprobs, now_s
 from tokenforge.server.serving_chat import CLIENT_CLOSED_REQUEST
 from tokenforge.server.sse import DONE, EventStreamResponse, error_event, event
-from tokenforge.server.token_text import TokenTexts
 
 
 @dataclass
@@ -53,13 +50,7 @@ def encode_prompts(tokenizer, prompts: list[str | list[int]], echo: bool, vocab_
     return encoded
 
 
-class CompletionHandler:
-    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics):
-        self.engine = engine
-        self.model_name = model_name
-        self.metrics = metrics
-        self.token_texts = TokenTexts(engine.tokenizer)
-
+class CompletionHandler(Handler):
     async def create(self, req: CompletionRequest, raw: Request) -> Response:
         req.check_supported()
         core = self.engine.core

@@ -26,7 +26,7 @@ def num_kv_blocks(config: CacheConfig, arch: ArchConfig, dtype: torch.dtype, dev
     if config.num_blocks_override is not None:
         return config.num_blocks_override
     budget = config.kv_cache_memory_bytes or default_kv_cache_bytes(device)
-    dtype_size = torch.empty((), dtype=dtype).element_size()
+    dtype_size = dtype.itemsize
     block_bytes = arch.kv_bytes_per_token(dtype_size) * config.block_size
     num_blocks = budget // block_bytes
     if num_blocks < 1:
