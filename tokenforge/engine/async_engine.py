@@ -44,7 +44,6 @@ class AsyncEngine:
         self._closed = False  # set under _lock once no stream will ever be served again
         self.error: BaseException | None = None
         self.step_started_at: float | None = None  # set while a step runs
-        self.num_steps = 0
         self._thread = threading.Thread(target=self._run, name="tokenforge-engine", daemon=True)
 
     # -- caller side (any thread with an asyncio loop) --
@@ -131,7 +130,6 @@ class AsyncEngine:
                 self.step_started_at = time.monotonic()
                 outputs = self.core.step()
                 self.step_started_at = None
-                self.num_steps += 1
                 self._deliver(outputs)
         except BaseException as exc:  # noqa: BLE001 - any failure must reach the callers
             logger.exception("engine loop died")

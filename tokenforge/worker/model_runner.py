@@ -19,7 +19,6 @@ class ModelRunner:
         self.model = model
         self.device = device
         self.block_size = block_size
-        self.num_blocks = num_blocks
         # [num_layers, num_blocks, block_size, 2 (k, v), num_kv_heads, head_dim]; zeroed so that
         # padded reads of never-written slots see finite values.
         shape = (arch.num_layers, num_blocks, block_size, 2, arch.num_kv_heads, arch.head_dim)
