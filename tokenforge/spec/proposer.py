@@ -1,0 +1,32 @@
+"""The proposer interface of speculative decoding: what a drafter returns for each request."""
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import torch
+
+if TYPE_CHECKING:
+    from tokenforge.engine.request import Request
+
+
+@dataclass
+class Proposal:
+    token_ids: list[int]  # the drafted continuation, 1..k tokens
+    # [len(token_ids), vocab_size]: q_i, the distribution each drafted token was drawn from; None
+    # when the draft is deterministic (n-gram lookup, or a greedy request), i.e. q is one-hot.
+    draft_probs: torch.Tensor | None = None
+
+
+class Proposer(Protocol):
+    # Relative cost of drafting one token, in target forward passes (0 for n-gram lookup); the
+    # adaptive policy weighs it against the expected number of accepted tokens.
+    draft_cost: float
+
+    def propose(self, requests: list["Request"], num_tokens: dict[str, int]) -> dict[str, Proposal]:
+        """Drafts up to num_tokens[request_id] tokens after each request's tokens (prompt and
+        output); requests may be left out of the result (nothing to propose)."""
+        ...
+
+    def release(self, live_request_ids: set[str]) -> None:
+        """Drops any per-request state of requests not in live_request_ids."""
+        ...
