@@ -18,3 +18,17 @@ def smollm2_loaded(smollm2_path):
     from tokenforge.engine.factory import load
 
     return load(ModelConfig(model=str(smollm2_path), dtype="float32", device="cpu"))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_backend(request) -> str:
+    """Runs a store test on both backends (PostgreSQL must be reachable: never skipped)."""
+    return request.param
+
+
+@pytest.fixture
+def store(store_backend, tmp_path):
+    from tests.store_helpers import make_store
+
+    with make_store(store_backend, tmp_path) as store:
+        yield store

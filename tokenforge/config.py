@@ -41,8 +41,63 @@ class SchedulerConfig:
     max_num_waiting: int = 1024  # queue bound; past it add_request raises QueueFullError
 
 
+SPECULATIVE_METHODS = ("ngram", "draft")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str | None = None  # None: off | "ngram" (prompt lookup) | "draft" (a draft model)
+    num_speculative_tokens: int = 4  # most tokens drafted per request and step (k)
+    draft_model: str | None = None  # with method "draft": catalog name, file or directory
+    ngram_min: int = 1  # shortest suffix n-gram looked up
+    ngram_max: int = 4  # longest suffix n-gram looked up (tried first)
+    # Above this many running requests a step is compute-bound: speculation switches off.
+    max_num_seqs: int = 4
+    # Pick k per request from its acceptance rate (and switch off when drafting loses).
+    adaptive: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.method is not None and self.num_speculative_tokens > 0
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig = ModelConfig()
     cache: CacheConfig = CacheConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    speculative: SpeculativeConfig = SpeculativeConfig()
+
+
+def default_data_dir() -> Path:
+    """Where the control plane keeps its SQLite store: $TOKENFORGE_DATA_DIR, else ~/.local/share/tokenforge."""
+    env = os.environ.get("TOKENFORGE_DATA_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".local" / "share" / "tokenforge"
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """The control plane: where it stores, where rate-limit counters live, its prices and limits."""
+
+    # SQLAlchemy URL; None: a SQLite file (WAL) in the data directory. PostgreSQL: postgresql://...
+    database_url: str | None = None
+    # Redis URL for rate-limit counters shared by several server processes; None: in the store.
+    redis_url: str | None = None
+    # A TOML file with [pricing] and [tiers] over the embedded defaults; None: the defaults only.
+    pricing_path: Path | None = None
+    # A reservation not settled by then is released (a crashed server never holds budget).
+    reservation_ttl_s: float = 900.0
+    data_dir: Path | None = None  # None: default_data_dir()
+
+    @classmethod
+    def from_env(cls, **overrides) -> "ControlConfig":
+        """$TOKENFORGE_DATABASE_URL and $TOKENFORGE_REDIS_URL, then the explicit overrides that are not None."""
+        values = {"database_url": os.environ.get("TOKENFORGE_DATABASE_URL") or None,
+                  "redis_url": os.environ.get("TOKENFORGE_REDIS_URL") or None}
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)
+
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir or default_data_dir()) / 'tokenforge.db'}"

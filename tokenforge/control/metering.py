@@ -1,0 +1,76 @@
+"""Metering: exactly one usage record per request, written with its daily roll-up and the budget
+settlement in one transaction. A second write for the same request id changes nothing.
+
+Usage records hold counts, prices and cost, never prompts or outputs.
+"""
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from tokenforge.control import limits
+from tokenforge.control.pricing import Price
+from tokenforge.control.store.models import DailyUsage, UsageRecord
+
+STATUSES = ("ok", "client_closed", "error", "refused")
+
+
+@dataclass(frozen=True)
+class Usage:
+    """What one API request processed (all its choices together; the prompt counted once per prompt)."""
+
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class MeteredRequest:
+    """A request that holds a reservation: what settling it needs to know."""
+
+    request_id: str
+    org_id: str
+    key_id: str | None
+    model: str
+    endpoint: str
+    price: Price
+    month: str  # the budget month its reservation was taken from
+    started_at: datetime
+
+
+def write_usage(db: Session, req: MeteredRequest, usage: Usage, status: str,
+                now: datetime | None = None) -> int | None:
+    """Records the request's usage and settles its budget; returns the cost, or None if the request
+    was recorded already (its first record stands, nothing is counted twice)."""
+    if status not in STATUSES:
+        raise ValueError(f"unknown usage status {status!r}")
+    if db.scalars(select(UsageRecord.id).where(UsageRecord.request_id == req.request_id)).first() is not None:
+        return None
+    now = now or datetime.now(UTC)
+    cost = req.price.cost_micros(usage.num_prompt_tokens, usage.num_cached_tokens, usage.num_completion_tokens)
+    db.add(UsageRecord(
+        request_id=req.request_id, org_id=req.org_id, key_id=req.key_id, model=req.model, endpoint=req.endpoint,
+        status=status, num_prompt_tokens=usage.num_prompt_tokens, num_cached_tokens=usage.num_cached_tokens,
+        num_completion_tokens=usage.num_completion_tokens, input_price_micros=req.price.input_micros,
+        cached_input_price_micros=req.price.cached_input_micros, output_price_micros=req.price.output_micros,
+        cost_micros=cost, latency_ms=max(0, int((now - req.started_at).total_seconds() * 1000)), created_at=now))
+    _add_to_daily(db, req.org_id, now, req.model, usage, cost)
+    limits.settle(db, req.org_id, req.request_id, req.month, cost)
+    # The unique request_id makes a concurrent duplicate fail at commit instead of counting twice.
+    db.flush()
+    return cost
+
+
+def _add_to_daily(db: Session, org_id: str, now: datetime, model: str, usage: Usage, cost: int) -> None:
+    dialect = postgresql if db.get_bind().dialect.name == "postgresql" else sqlite
+    values = {"org_id": org_id, "day": now.astimezone(UTC).date(), "model": model, "num_requests": 1,
+              "num_prompt_tokens": usage.num_prompt_tokens, "num_cached_tokens": usage.num_cached_tokens,
+              "num_completion_tokens": usage.num_completion_tokens, "cost_micros": cost}
+    insert = dialect.insert(DailyUsage).values(**values)
+    table = DailyUsage.__table__.c
+    db.execute(insert.on_conflict_do_update(
+        index_elements=["org_id", "day", "model"],
+        set_={name: table[name] + insert.excluded[name] for name in values if name.startswith(("num_", "cost"))}))
