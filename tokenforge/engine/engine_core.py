@@ -44,6 +44,8 @@ class EngineCore:
         self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
         self.runner = ModelRunner(loaded.model, self.arch, num_blocks, block_size, dtype, device)
+        # Parameters of the loaded weights (tied embeddings once): what the price book buckets by.
+        self.num_params = sum(p.numel() for p in loaded.model.parameters())
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.num_steps = 0
 
