@@ -91,9 +91,12 @@ class ControlConfig:
 
     @classmethod
     def from_env(cls, **overrides) -> "ControlConfig":
-        """$TOKENFORGE_DATABASE_URL and $TOKENFORGE_REDIS_URL, then the explicit overrides that are not None."""
+        """$TOKENFORGE_DATABASE_URL, $TOKENFORGE_REDIS_URL and $TOKENFORGE_RESERVATION_TTL_S, then the
+        explicit overrides that are not None."""
         values = {"database_url": os.environ.get("TOKENFORGE_DATABASE_URL") or None,
                   "redis_url": os.environ.get("TOKENFORGE_REDIS_URL") or None}
+        if os.environ.get("TOKENFORGE_RESERVATION_TTL_S"):
+            values["reservation_ttl_s"] = float(os.environ["TOKENFORGE_RESERVATION_TTL_S"])
         values.update({key: value for key, value in overrides.items() if value is not None})
         return cls(**values)
 

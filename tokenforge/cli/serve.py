@@ -30,6 +30,20 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, default=None, metavar="FILE.toml",
                         help="serve the models listed in this TOML file (see below)")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    control = parser.add_argument_group("control plane (keys, limits, metering)")
+    control.add_argument("--auth", default="auto", choices=("auto", "on", "off"),
+                         help="require an API key on inference routes; auto (default): on unless --host is a "
+                              "loopback address. With auth off, requests are metered to the `local` organisation")
+    control.add_argument("--database-url", default=None,
+                         help="the store: default $TOKENFORGE_DATABASE_URL, else a SQLite file in the data dir "
+                              "($TOKENFORGE_DATA_DIR or ~/.local/share/tokenforge)")
+    control.add_argument("--redis-url", default=None,
+                         help="rate-limit counters in Redis, shared by several servers (default: $TOKENFORGE_REDIS_URL, "
+                              "else in the store)")
+    control.add_argument("--pricing", type=Path, default=None, metavar="FILE.toml",
+                         help="price book and tier ladder over the embedded defaults")
+    control.add_argument("--no-control-plane", action="store_true",
+                         help="serve with no keys, limits or metering at all (local experiments only)")
     add_engine_args(parser, repeat_model=True)
     return parser
 
@@ -56,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
 
         from tokenforge.server.app import create_app
 
-        app = create_app(engines, owns_engines=True)
+        control, auth_required = _open_control(args, config.host, console)
+        app = create_app(engines, owns_engines=True, control=control, auth_required=auth_required)
         uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
         uvicorn.Server(uvicorn_config).run()
@@ -65,3 +80,28 @@ def run(args: argparse.Namespace) -> int:
         for engine in engines.values():
             engine.shutdown()
     return 0
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def _open_control(args: argparse.Namespace, host: str, console):
+    """The control plane the flags ask for (None with --no-control-plane) and whether auth is on;
+    prints the bootstrap admin key the one time it is created."""
+    if args.no_control_plane:
+        if host not in LOOPBACK_HOSTS:
+            console.print("[yellow]warning:[/yellow] serving beyond loopback with no keys, limits or metering")
+        return None, False
+    from tokenforge.config import ControlConfig
+    from tokenforge.control.plane import ControlPlane
+
+    config = ControlConfig.from_env(database_url=args.database_url, redis_url=args.redis_url,
+                                    pricing_path=args.pricing)
+    control, bootstrap_key = ControlPlane.open(config)
+    auth_required = args.auth == "on" or (args.auth == "auto" and host not in LOOPBACK_HOSTS)
+    if bootstrap_key is not None:
+        console.print("The operator's admin API key (shown once, never again; keep it safe):\n"
+                      f"  [bold]{bootstrap_key}[/bold]\n"
+                      "Create organizations and keys with it (/v1/organizations, /v1/keys) or `tokenforge keys`.")
+    console.print(f"API keys: {'required' if auth_required else 'off (requests metered to the local organization)'}")
+    return control, auth_required

@@ -29,12 +29,16 @@ SCOPES = frozenset({"inference", "admin"})
 
 @dataclass(frozen=True)
 class Principal:
-    """Who a request acts as: an organisation, the key it used (None when auth is off), its scopes."""
+    """Who a request acts as: an organisation, the key it used (None when auth is off), its scopes,
+    and what its limits depend on (read with the key, once per request)."""
 
     org_id: str
     key_id: str | None
     scopes: frozenset[str]
     is_operator: bool = False
+    unlimited: bool = False
+    tier_index: int = 1
+    custom_limit_micros: int | None = None
 
     @property
     def actor(self) -> str:
@@ -113,9 +117,12 @@ def authenticate(db: Session, presented: str | None) -> Principal:
         raise AuthenticationError("This API key has been revoked.")
     if row.expires_at is not None and row.expires_at <= now:
         raise AuthenticationError("This API key has expired.")
-    org = db.get(Organization, row.org_id)
-    return Principal(org_id=row.org_id, key_id=row.id, scopes=frozenset(row.scopes.split()),
-                     is_operator=bool(org and org.is_operator))
+    return principal_of(db.get(Organization, row.org_id), row.id, frozenset(row.scopes.split()))
+
+
+def principal_of(org: Organization, key_id: str | None, scopes: frozenset[str]) -> Principal:
+    return Principal(org_id=org.id, key_id=key_id, scopes=scopes, is_operator=org.is_operator,
+                     unlimited=org.unlimited, tier_index=org.tier_index, custom_limit_micros=org.custom_limit_micros)
 
 
 def revoke_key(db: Session, key_id: str, actor: str, org_id: str | None = None) -> KeyInfo:

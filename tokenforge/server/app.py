@@ -9,12 +9,15 @@ import asyncio
 from collections.abc import Mapping
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from tokenforge import __version__
+from tokenforge.control.plane import ControlPlane
 from tokenforge.engine.async_engine import AsyncEngine
 from tokenforge.errors import InvalidRequestError
+from tokenforge.server.admin import make_admin_router
+from tokenforge.server.billing import Billing
 from tokenforge.server.errors import RETRY_AFTER_DEAD_S, install_error_handlers
 from tokenforge.server.metrics import CONTENT_TYPE, ServerMetrics
 from tokenforge.server.middleware import DEFAULT_MAX_BODY_BYTES, RequestContextMiddleware
@@ -25,22 +28,36 @@ from tokenforge.server.serving_chat import apply_chat_template
 
 
 def create_app(engines: Mapping[str, AsyncEngine], *, owns_engines: bool = False,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The app serving each engine under its name; `owns_engines`: shut them down with the app."""
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, control: ControlPlane | None = None,
+               auth_required: bool = False) -> FastAPI:
+    """The app serving each engine under its name; `owns_engines`: shut them (and `control`) down
+    with the app. With a control plane every request is metered and limited, and `auth_required`
+    makes inference routes need a key; without one, nothing is metered (tests, benchmarks)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
         if owns_engines:
             await asyncio.gather(*(asyncio.to_thread(engine.shutdown) for engine in engines.values()))
+            if control is not None:
+                control.close()
 
     app = FastAPI(title="tokenforge", version=__version__, lifespan=lifespan)
     metrics = ServerMetrics(engines)
-    models = ServedModels(engines, metrics)
+    billing = Billing(control, auth_required) if control is not None else None
+    models = ServedModels(engines, metrics, billing)
     app.state.models = models
     app.state.metrics = metrics
     install_error_handlers(app)
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=max_body_bytes)
+
+    async def inference_key(request: Request) -> None:
+        if billing is not None:
+            await billing.authorize(request, "inference")
+
+    inference = [Depends(inference_key)]
+    if billing is not None:
+        app.include_router(make_admin_router(billing))
 
     def tokenizer_of(model: ServedModel):
         tokenizer = model.engine.core.tokenizer
@@ -48,23 +65,23 @@ def create_app(engines: Mapping[str, AsyncEngine], *, owns_engines: bool = False
             raise InvalidRequestError("this model has no tokenizer (random-weight shape model)")
         return tokenizer
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", dependencies=inference)
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
         return await models.get(body.model).chat.create(body, request)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", dependencies=inference)
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
         return await models.get(body.model).completions.create(body, request)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=inference)
     async def list_models() -> ModelList:
         return ModelList(data=[model.card() for model in models])
 
-    @app.get("/v1/models/{model:path}")
+    @app.get("/v1/models/{model:path}", dependencies=inference)
     async def retrieve_model(model: str) -> ModelCard:
         return models.get(model).card()
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", dependencies=inference)
     async def tokenize(body: TokenizeRequest) -> dict:
         model = models.get(body.model)
         tokenizer = tokenizer_of(model)
@@ -78,7 +95,7 @@ def create_app(engines: Mapping[str, AsyncEngine], *, owns_engines: bool = False
                                                 add_special_tokens=body.add_special_tokens)
         return {"count": len(token_ids), "max_model_len": model.engine.core.max_model_len, "tokens": token_ids}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", dependencies=inference)
     async def detokenize(body: DetokenizeRequest) -> dict:
         model = models.get(body.model)
         tokenizer = tokenizer_of(model)

@@ -11,12 +11,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from tokenforge.control.errors import ControlError, StoreUnavailableError
 from tokenforge.errors import EngineDeadError, InvalidRequestError, QueueFullError
 
 logger = logging.getLogger(__name__)
 
 RETRY_AFTER_FULL_S = 1  # the queue drains within seconds
 RETRY_AFTER_DEAD_S = 10  # a dead engine needs a restart: send the client elsewhere for a while
+RETRY_AFTER_STORE_S = 5  # the store is down: fail closed until it is back
 
 
 class APIError(Exception):
@@ -49,6 +51,15 @@ def to_api_error(exc: BaseException) -> APIError:
         return exc
     if isinstance(exc, InvalidRequestError):
         return APIError(400, str(exc), param=exc.param)
+    if isinstance(exc, ControlError):
+        headers = dict(getattr(exc, "headers", None) or {})
+        if isinstance(exc, StoreUnavailableError):
+            logger.error("the control plane's store is unavailable: %s", exc)
+            exc = StoreUnavailableError("The server cannot reach its usage store, so it serves nothing for now "
+                                        "(it never serves unbilled). Please retry later.")
+            headers["retry-after"] = str(RETRY_AFTER_STORE_S)
+        return APIError(exc.status_code, str(exc), type=exc.type, param=exc.param, code=exc.code,
+                        headers=headers or None)
     if isinstance(exc, QueueFullError):
         return APIError(503, "The server is overloaded: its request queue is full. Please retry later.",
                         type="server_error", code="overloaded", headers={"retry-after": str(RETRY_AFTER_FULL_S)})
@@ -121,5 +132,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    for cls in (InvalidRequestError, QueueFullError, EngineDeadError):
+    for cls in (InvalidRequestError, QueueFullError, EngineDeadError, ControlError):
         app.add_exception_handler(cls, on_tokenforge)

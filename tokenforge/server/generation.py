@@ -14,8 +14,11 @@ from tokenforge.engine.async_engine import AsyncEngine
 from tokenforge.engine.llm import child_params
 from tokenforge.engine.outputs import RequestOutput
 from tokenforge.engine.request import FinishReason
+from tokenforge.control.pricing import ModelFacts
 from tokenforge.errors import InvalidRequestError
+from tokenforge.control import metering
 from tokenforge.sampling_params import SamplingParams
+from tokenforge.server.billing import Billing, Meter
 from tokenforge.server.metrics import ServerMetrics
 from tokenforge.server.protocol import PromptTokensDetails, SamplingRequest, Usage
 from tokenforge.server.token_text import TokenTexts
@@ -92,15 +95,20 @@ class RequestGroup:
     """The engine requests behind one API request (n choices, or prompts x n), run in their own
     tasks and merged into one stream of (choice index, delta). Closing it aborts them all."""
 
-    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics):
+    def __init__(self, engine: AsyncEngine, metrics: ServerMetrics, meter: Meter | None = None):
         self.engine = engine
         self.metrics = metrics
+        self.meter = meter  # settled on close with what the engine processed
         self._queue: asyncio.Queue[tuple[int, RequestOutput | BaseException]] = asyncio.Queue()
         self._tasks: list[asyncio.Task] = []
         self._num_unfinished = 0
+        self._first_indices: list[int] = []  # the first choice of each prompt: its prompt is billed once
+        self._counts: dict[int, RequestOutput] = {}  # the latest output of each choice
+        self._status: str | None = None  # "error" or "refused" once known
 
     def add(self, index: int, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         """Queues the `params.n` samples of one prompt as choices index, index + 1, ..."""
+        self._first_indices.append(index)
         for i in range(params.n):
             child = child_params(params, i)
             task = asyncio.create_task(self._pump(index + i, f"{request_id}-{index + i}", prompt_token_ids, child))
@@ -115,6 +123,7 @@ class RequestGroup:
         await asyncio.sleep(0)
         for task in self._tasks:
             if task.done() and not task.cancelled() and task.exception() is not None:
+                self._status = "refused"
                 await self.close()
                 raise task.exception()
 
@@ -122,16 +131,34 @@ class RequestGroup:
         while self._num_unfinished:
             index, item = await self._queue.get()
             if isinstance(item, BaseException):
+                self._status = "error"
                 raise item
+            self._counts[index] = item
             if item.finished:
                 self._num_unfinished -= 1
             yield index, item
 
     async def close(self) -> None:
-        """Aborts whatever is still running (leaving engine.generate aborts its request)."""
+        """Aborts whatever is still running (leaving engine.generate aborts its request), then
+        settles the meter with what was processed. Safe to call more than once."""
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.meter is not None:
+            status = self._status or ("ok" if self._num_unfinished == 0 else "client_closed")
+            await self.meter.settle(self.usage(), status)
+
+    def usage(self) -> metering.Usage:
+        """What the engine processed so far: every choice's output tokens, each prompt once. A prompt
+        whose choices produced nothing yet is not charged (its prefill may not have finished)."""
+        num_prompt = num_cached = 0
+        for first, end in zip(self._first_indices, [*self._first_indices[1:], None]):
+            seen = [out for index, out in sorted(self._counts.items()) if index >= first and (end is None or index < end)]
+            if seen:
+                num_prompt += seen[0].num_prompt_tokens
+                num_cached += seen[0].num_cached_tokens
+        num_completion = sum(out.num_output_tokens for out in self._counts.values())
+        return metering.Usage(num_prompt, num_cached, num_completion)
 
     async def _pump(self, index: int, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
         timer = self.metrics.request_timer()
@@ -147,11 +174,28 @@ class RequestGroup:
 class Handler:
     """What every endpoint handler holds: its engine, served name, metrics, token texts."""
 
-    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics):
+    def __init__(self, engine: AsyncEngine, model_name: str, metrics: ServerMetrics, billing: Billing | None = None):
         self.engine = engine
         self.model_name = model_name
         self.metrics = metrics
+        self.billing = billing
+        self.facts = ModelFacts(model_name, engine.core.num_params)
         self.token_texts = TokenTexts(engine.tokenizer)
+
+    async def start_group(self, raw: Request, endpoint: str, request_id: str, prompts: list[list[int]],
+                          params: SamplingParams, max_model_len: int) -> RequestGroup:
+        """Reserves the worst case of the request (all prompts x n choices at max_tokens, or up to the
+        context), then queues its engine requests; raises the refusal of either."""
+        meter = None
+        if self.billing is not None:
+            num_prompt = sum(len(p) for p in prompts)
+            num_completion = sum(params.n * (params.max_tokens or max_model_len - len(p)) for p in prompts)
+            meter = await self.billing.admit(raw, self.facts, endpoint, request_id, num_prompt, num_completion)
+        group = RequestGroup(self.engine, self.metrics, meter)
+        for k, prompt in enumerate(prompts):
+            group.add(k * params.n, request_id, prompt, params)
+        await group.start()
+        return group
 
 
 async def collect_choices(raw: Request, group: RequestGroup, num_choices: int) -> list["ChoiceState"] | None:

@@ -18,7 +18,8 @@ REQUEST_ID_HEADER = b"x-request-id"
 MAX_REQUEST_ID_LEN = 128
 DEFAULT_MAX_BODY_BYTES = 8 << 20
 KNOWN_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize",
-                             "/health", "/metrics"})
+                             "/health", "/metrics", "/v1/organizations", "/v1/keys", "/v1/usage", "/v1/invoices",
+                             "/v1/audit"})
 
 
 class BodyTooLargeError(Exception):
@@ -45,6 +46,13 @@ def content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
     return None
 
 
+def _rate_limit_headers(scope: Scope, present: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The x-ratelimit-* headers the control plane left in the request's state, unless already set."""
+    state = scope.get("state", {}).get("rate_limit_headers") or {}
+    names = {k.lower() for k, _ in present}
+    return [(k.encode(), v.encode()) for k, v in state.items() if k.encode() not in names]
+
+
 class RequestContextMiddleware:
     def __init__(self, app: ASGIApp, metrics: ServerMetrics, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
         self.app = app
@@ -69,6 +77,7 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 started = True
                 headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER]
+                headers += _rate_limit_headers(scope, headers)
                 message = {**message, "headers": [*headers, (REQUEST_ID_HEADER, request_id.encode())]}
                 self.metrics.requests.labels(endpoint, str(message["status"])).inc()
             await send(message)

@@ -5,6 +5,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tokenforge.engine.async_engine import AsyncEngine
+from tokenforge.server.billing import Billing
 from tokenforge.server.errors import APIError, model_not_found
 from tokenforge.server.metrics import ServerMetrics
 from tokenforge.server.protocol import ModelCard
@@ -30,11 +31,11 @@ class ServedModel:
 
 
 class ServedModels:
-    def __init__(self, engines: Mapping[str, AsyncEngine], metrics: ServerMetrics):
+    def __init__(self, engines: Mapping[str, AsyncEngine], metrics: ServerMetrics, billing: Billing | None = None):
         if not engines:
             raise ValueError("a server needs at least one model")
-        self.models = {name: ServedModel(name, engine, ChatHandler(engine, name, metrics),
-                                         CompletionHandler(engine, name, metrics))
+        self.models = {name: ServedModel(name, engine, ChatHandler(engine, name, metrics, billing),
+                                         CompletionHandler(engine, name, metrics, billing))
                        for name, engine in engines.items()}
 
     def __iter__(self):

@@ -55,9 +55,7 @@ class ChatHandler(Handler):
         params = make_sampling_params(req, max_tokens, logprobs, core.arch.vocab_size)
         check_num_sequences(req.n, self.engine)
         completion_id = random_id("chatcmpl")
-        group = RequestGroup(self.engine, self.metrics)
-        group.add(0, completion_id, prompt_token_ids, params)
-        await group.start()
+        group = await self.start_group(raw, "chat", completion_id, [prompt_token_ids], params, core.max_model_len)
         if req.stream:
             return EventStreamResponse(self._stream(group, completion_id, req), on_close=group.close)
         choices = await collect_choices(raw, group, req.n)

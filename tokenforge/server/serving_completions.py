@@ -64,10 +64,8 @@ class CompletionHandler(Handler):
             check_context(len(prompt.token_ids), req.max_tokens, core.max_model_len, "prompt")
         params = make_sampling_params(req, req.max_tokens, req.logprobs, vocab_size)
         completion_id = random_id("cmpl")
-        group = RequestGroup(self.engine, self.metrics)
-        for k, prompt in enumerate(prompts):
-            group.add(k * req.n, completion_id, prompt.token_ids, params)
-        await group.start()
+        group = await self.start_group(raw, "completions", completion_id, [p.token_ids for p in prompts], params,
+                                       core.max_model_len)
         echoes = [prompts[i // req.n].text if req.echo else "" for i in range(len(prompts) * req.n)]
         if req.stream:
             return EventStreamResponse(self._stream(group, completion_id, req, echoes), on_close=group.close)

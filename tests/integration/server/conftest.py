@@ -44,12 +44,13 @@ class RunningServer:
             engine.shutdown()
 
 
-def make_server(loaded, names: tuple[str, ...] = (MODEL,), **engine_options) -> RunningServer:
-    """Starts one engine per served name (over the same weights) and a server on a free port;
-    returns once /health answers 200."""
+def make_server(loaded, names: tuple[str, ...] = (MODEL,), control=None, auth_required: bool = False,
+                **engine_options) -> RunningServer:
+    """Starts one engine per served name (over the same weights) and a server on a free port, with
+    the control plane `control` if given; returns once /health answers 200."""
     cores = {name: make_engine_core(loaded, **engine_options) for name in names}
     engines = {name: AsyncEngine(core).start() for name, core in cores.items()}
-    app = create_app(engines)
+    app = create_app(engines, control=control, auth_required=auth_required)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
