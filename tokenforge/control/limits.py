@@ -65,15 +65,24 @@ def reserve(db: Session, org_id: str, request_id: str, amount_micros: int, limit
     return month
 
 
-def settle(db: Session, org_id: str, request_id: str, month: str, cost_micros: int) -> None:
-    """Frees the request's reservation (if it has not expired) and adds its real cost to the spend."""
+def settle(db: Session, org_id: str, request_id: str, month: str, cost_micros: int,
+           now: datetime | None = None) -> None:
+    """Frees the request's reservation (if it has not expired) from its month, and adds its real
+    cost to the spend of the month it ends in (its usage record's month, so that a month's spend
+    and its invoice agree for a request that runs over midnight at the month's end)."""
     held = db.execute(delete(Reservation).where(Reservation.request_id == request_id)
                       .returning(Reservation.amount_micros)).scalar_one_or_none()
-    db.execute(update(Budget).where(Budget.org_id == org_id, Budget.month == month)
-               .values(spent_micros=Budget.spent_micros + cost_micros,
-                       reserved_micros=Budget.reserved_micros - (held or 0)))
+    if held:
+        db.execute(update(Budget).where(Budget.org_id == org_id, Budget.month == month)
+                   .values(reserved_micros=Budget.reserved_micros - held))
+    spend_month = month_of(now or datetime.now(UTC))
+    if spend_month != month:
+        limit = db.scalar(select(Budget.limit_micros).where(Budget.org_id == org_id, Budget.month == month))
+        ensure_budget(db, org_id, spend_month, limit)
+    db.execute(update(Budget).where(Budget.org_id == org_id, Budget.month == spend_month)
+               .values(spent_micros=Budget.spent_micros + cost_micros))
     if cost_micros:
-        _maybe_alert(db, org_id, month)
+        _maybe_alert(db, org_id, spend_month)
 
 
 def release_expired(db: Session, now: datetime | None = None, org_id: str | None = None) -> int:

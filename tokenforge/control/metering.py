@@ -58,7 +58,7 @@ def write_usage(db: Session, req: MeteredRequest, usage: Usage, status: str,
         cached_input_price_micros=req.price.cached_input_micros, output_price_micros=req.price.output_micros,
         cost_micros=cost, latency_ms=max(0, int((now - req.started_at).total_seconds() * 1000)), created_at=now))
     _add_to_daily(db, req.org_id, now, req.model, usage, cost)
-    limits.settle(db, req.org_id, req.request_id, req.month, cost)
+    limits.settle(db, req.org_id, req.request_id, req.month, cost, now)
     # The unique request_id makes a concurrent duplicate fail at commit instead of counting twice.
     db.flush()
     return cost

@@ -4,7 +4,7 @@ payments that move them up the tier ladder, and deleting an organisation's data.
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -96,8 +96,11 @@ def set_custom_limit(db: Session, org_id: str, limit_micros: int | None, actor: 
 
 def record_payment(db: Session, org_id: str, amount_micros: int, actor: str, ladder: TierLadder) -> None:
     """Counts a payment toward the tier ladder; moving up a tier raises this month's limit."""
-    org = get_org(db, org_id)
-    org.paid_micros += amount_micros
+    get_org(db, org_id)
+    # One atomic increment: two invoices paid at once both count.
+    db.execute(update(Organization).where(Organization.id == org_id)
+               .values(paid_micros=Organization.paid_micros + amount_micros))
+    org = db.get(Organization, org_id, populate_existing=True, with_for_update=db.get_bind().dialect.name != "sqlite")
     tier = ladder.tier_for(org.paid_micros)
     if tier.index > org.tier_index:
         before = org.tier_index
