@@ -35,15 +35,23 @@ class ControlServer:
     def admin(self) -> httpx.Client:
         return httpx.Client(base_url=self.base_url, timeout=60, headers={"authorization": f"Bearer {self.admin_key}"})
 
-    def new_org(self, name: str, monthly_limit_micros: int | None = None) -> tuple[str, str]:
-        """Creates an organisation (and its limit) and an inference key: (org id, key)."""
+    def new_org(self, name: str, monthly_limit_micros: int | None = None,
+                scopes: tuple[str, ...] = ("inference",)) -> tuple[str, str]:
+        """Creates an organisation (and its limit) and a key with `scopes`: (org id, key)."""
         with self.admin() as admin:
             org = admin.post("/v1/organizations", json={"name": name}).raise_for_status().json()
             if monthly_limit_micros is not None:
                 admin.patch(f"/v1/organizations/{org['id']}",
                             json={"monthly_limit_micros": monthly_limit_micros}).raise_for_status()
-            key = admin.post("/v1/keys", json={"organization": org["id"], "scopes": ["inference"]})
-            return org["id"], key.raise_for_status().json()["key"]
+            return org["id"], self.new_key(org["id"], scopes)
+
+    def new_key(self, org_id: str, scopes: tuple[str, ...] = ("inference",)) -> str:
+        with self.admin() as admin:
+            key = admin.post("/v1/keys", json={"organization": org_id, "scopes": list(scopes)})
+            return key.raise_for_status().json()["key"]
+
+    def client(self, key: str) -> httpx.Client:
+        return httpx.Client(base_url=self.base_url, timeout=60, headers={"authorization": f"Bearer {key}"})
 
 
 def write_pricing(tmp_dir: Path, extra: str = "") -> Path:
@@ -57,6 +65,16 @@ def open_control_server(loaded, url: str, tmp_dir: Path, extra_pricing: str = ""
                                                        **options))
     running = make_server(loaded, control=plane, auth_required=True, num_blocks=NUM_BLOCKS)
     return ControlServer(running, plane, admin_key)
+
+
+@pytest.fixture(scope="module")
+def sqlite_control_server(smollm2_loaded, tmp_path_factory):
+    """One control-plane server on SQLite for a whole test module (HTTP behaviour, not store logic)."""
+    tmp_dir = tmp_path_factory.mktemp("control")
+    server = open_control_server(smollm2_loaded, f"sqlite:///{tmp_dir / 'control.db'}", tmp_dir)
+    yield server
+    server.running.stop()
+    server.plane.close()
 
 
 @pytest.fixture
