@@ -5,6 +5,7 @@ queue on the busy timeout instead of failing on a lock upgrade; PostgreSQL runs 
 where the guarded UPDATEs of limits.py are atomic row by row.
 """
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
@@ -88,6 +89,7 @@ def _is_operational(exc: DBAPIError) -> bool:
 
 def migrate(engine: Engine) -> None:
     """Brings the schema to the latest Alembic revision (creates it on first start)."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # its INFO lines say nothing to a user
     config = Config()
     config.set_main_option("script_location", str(resources.files("tokenforge.control.store") / "migrations"))
     with engine.begin() as connection:
