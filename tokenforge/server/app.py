@@ -37,6 +37,8 @@ def create_app(engines: Mapping[str, AsyncEngine], *, owns_engines: bool = False
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
+        if billing is not None:
+            await billing.drain(timeout_s=5.0)
         if owns_engines:
             await asyncio.gather(*(asyncio.to_thread(engine.shutdown) for engine in engines.values()))
             if control is not None:

@@ -7,6 +7,8 @@ Control-plane calls block on the store, so they run in worker threads.
 
 import asyncio
 import logging
+import time
+from collections.abc import Coroutine
 
 from starlette.requests import Request
 
@@ -19,7 +21,8 @@ from tokenforge.control.rate_limits import RateLimitState
 logger = logging.getLogger(__name__)
 
 RATE_LIMIT_STATE_KEY = "rate_limit_headers"  # in scope["state"]; the middleware adds them to the response
-SETTLE_RETRY_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
+SETTLE_FIRST_RETRY_S = 0.5
+SETTLE_MAX_RETRY_S = 30.0
 
 
 def bearer_key(request: Request) -> str | None:
@@ -38,6 +41,17 @@ class Billing:
         self.plane = plane
         self.auth_required = auth_required
         self._local: Principal | None = None
+        self._retries: set[asyncio.Task] = set()  # settlements waiting for the store to come back
+
+    def retry_later(self, retry: Coroutine) -> None:
+        task = asyncio.get_running_loop().create_task(retry)
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def drain(self, timeout_s: float) -> None:
+        """At shutdown: gives pending settlements `timeout_s` to reach the store."""
+        if self._retries:
+            await asyncio.wait(set(self._retries), timeout=timeout_s)
 
     async def authorize(self, request: Request, scope: str) -> Principal:
         """The request's principal, which may use `scope`; counts it against the per-minute limits."""
@@ -58,37 +72,45 @@ class Billing:
         admission = await asyncio.to_thread(self.plane.admit, request.state.principal, request_id, model, endpoint,
                                             num_prompt_tokens, max_completion_tokens)
         _remember(request, admission.rate_limit)
-        return Meter(self.plane, admission)
+        return Meter(self, admission)
 
 
 class Meter:
     """Settles one admitted request: its usage record and the real cost, once, whatever happens."""
 
-    def __init__(self, plane: ControlPlane, admission: Admission):
-        self.plane = plane
+    def __init__(self, billing: "Billing", admission: Admission):
+        self.billing = billing
         self.admission = admission
         self._settled = False
 
     async def settle(self, usage: Usage, status: str) -> None:
-        """Shielded: a cancelled caller (client gone, shutdown) does not stop the write."""
+        """Shielded: a cancelled caller (client gone, shutdown) does not stop the write. If the store
+        is down, the write goes on in the background, retried until the reservation would expire."""
         if self._settled:
             return
         self._settled = True
-        await asyncio.shield(asyncio.ensure_future(self._write(usage, status)))
+        if not await asyncio.shield(asyncio.to_thread(self._try_write, usage, status)):
+            self.billing.retry_later(self._retry(usage, status))
 
-    async def _write(self, usage: Usage, status: str) -> None:
-        request_id = self.admission.metered.request_id
-        for delay_s in (*SETTLE_RETRY_DELAYS_S, None):
-            try:
-                await asyncio.to_thread(self.plane.settle, self.admission.metered, usage, status)
+    def _try_write(self, usage: Usage, status: str) -> bool:
+        try:
+            self.billing.plane.settle(self.admission.metered, usage, status)
+            return True
+        except Exception:  # noqa: BLE001 - the store may be down for a while: retried by the caller
+            logger.warning("recording the usage of request %s failed; retrying in the background",
+                           self.admission.metered.request_id, exc_info=True)
+            return False
+
+    async def _retry(self, usage: Usage, status: str) -> None:
+        deadline = time.monotonic() + self.billing.plane.reservation_ttl_s
+        delay_s = SETTLE_FIRST_RETRY_S
+        while time.monotonic() + delay_s < deadline:
+            await asyncio.sleep(delay_s)
+            if await asyncio.to_thread(self._try_write, usage, status):
                 return
-            except Exception:  # noqa: BLE001 - the store may be down for a while: retry, then say so
-                if delay_s is None:
-                    logger.exception("usage of request %s could not be recorded; its reservation will expire",
-                                     request_id)
-                    return
-                logger.warning("recording the usage of request %s failed; retrying in %.1f s", request_id, delay_s)
-                await asyncio.sleep(delay_s)
+            delay_s = min(delay_s * 2, SETTLE_MAX_RETRY_S)
+        logger.error("usage of request %s could not be recorded before its reservation expired",
+                     self.admission.metered.request_id)
 
 
 def _remember(request: Request, state: RateLimitState | None) -> None:

@@ -90,9 +90,26 @@ def test_store_outage_fails_closed_and_recovers(smollm2_loaded, store_backend, t
                 while (up := client.post("/v1/chat/completions", json=body)).status_code != 200:
                     assert time.monotonic() < deadline, up.text
                     time.sleep(0.2)
-            with server.plane.store.transaction() as db:
-                records = db.scalars(select(UsageRecord).where(UsageRecord.org_id == org_id)).all()
-            assert [r.status for r in records] == ["ok", "ok"]  # nothing served while it was down
+                # A request admitted before the outage and settled during it is recorded once the store is back.
+                with client.stream("POST", "/v1/chat/completions", json={**BODY, "max_tokens": 40, "stream": True}) as r:
+                    lines = r.iter_lines()
+                    first = next(line for line in lines if line.startswith("data: {"))
+                    _set_connections(database, False)
+                    try:
+                        assert [line for line in lines if line][-1] == "data: [DONE]"
+                        time.sleep(1.0)  # the first settle attempt fails meanwhile
+                    finally:
+                        _set_connections(database, True)
+            request_id = json.loads(first[6:])["id"]
+            deadline = time.monotonic() + 20
+            while True:
+                with server.plane.store.transaction() as db:
+                    records = db.scalars(select(UsageRecord).where(UsageRecord.org_id == org_id)).all()
+                if request_id in {r.request_id for r in records} or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            # Nothing served while it was down; the late settlement written once.
+            assert sorted((r.status, r.num_completion_tokens) for r in records) == [("ok", 3), ("ok", 3), ("ok", 40)]
         finally:
             server.running.stop()
             server.plane.close()
