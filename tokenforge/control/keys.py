@@ -105,7 +105,7 @@ def authenticate(db: Session, presented: str | None) -> Principal:
     """The principal of a presented key; AuthenticationError (401) for anything not a live key."""
     if not presented:
         raise AuthenticationError("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
-    if not KEY_PATTERN.match(presented):
+    if not KEY_PATTERN.fullmatch(presented):
         raise AuthenticationError("Incorrect API key provided: it is not a tokenforge key.")
     row = db.scalars(select(ApiKey).where(ApiKey.prefix == presented[len(KEY_PREFIX):][:PREFIX_LEN])).first()
     # Hash and compare even when no row matched, so both paths cost the same.

@@ -23,9 +23,10 @@ class UTCDateTime(TypeDecorator):
         return None if value is None else value.astimezone(UTC)
 
     def process_result_value(self, value, dialect):
-        if value is not None and value.tzinfo is None:
-            return value.replace(tzinfo=UTC)
-        return value
+        if value is None:
+            return None
+        # SQLite hands back naive UTC; PostgreSQL an aware time in the session's zone.
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class Base(DeclarativeBase):
