@@ -7,6 +7,7 @@ from tokenforge.errors import InvalidRequestError
 MAX_TOP_LOGPROBS = 20
 MAX_STOP_STRINGS = 16  # each is searched for after every token, on the engine thread
 MAX_STOP_STRING_CHARS = 256
+MAX_SPECULATIVE_TOKENS = 16
 # Temperatures below this are greedy: dividing logits by a subnormal number overflows to inf.
 GREEDY_TEMPERATURE = 1e-5
 
@@ -31,6 +32,9 @@ class SamplingParams:
     logprobs: int | None = None  # None: no logprobs; k: the sampled token plus the top k
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    # Speculative decoding for this request: None follows the engine, 0 turns it off, k caps the
+    # drafted tokens per step at k (never above the engine's num_speculative_tokens).
+    num_speculative_tokens: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -80,6 +84,8 @@ class SamplingParams:
             raise bad(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got {len(self.stop)}", "stop")
         if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
             raise bad(f"stop strings must be at most {MAX_STOP_STRING_CHARS} characters", "stop")
+        if self.num_speculative_tokens is not None and not 0 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+            raise bad(f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}]", "num_speculative_tokens")
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise bad("seed is out of range", "seed")
 

@@ -16,6 +16,9 @@ from tokenforge.engine.scheduler import Scheduler
 from tokenforge.errors import ConfigError, InvalidRequestError
 from tokenforge.model.loader import LoadedModel
 from tokenforge.sampling_params import SamplingParams
+from tokenforge.spec.controller import SpecController
+from tokenforge.spec.draft_model import DraftModelProposer
+from tokenforge.spec.ngram import NgramProposer
 from tokenforge.worker.memory import num_kv_blocks
 from tokenforge.worker.model_runner import ModelRunner
 
@@ -23,7 +26,9 @@ logger = logging.getLogger(__name__)
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel, dtype: torch.dtype, device: torch.device):
+    def __init__(self, config: EngineConfig, loaded: LoadedModel, dtype: torch.dtype, device: torch.device,
+                 draft: LoadedModel | None = None):
+        """`draft`: the loaded draft model when config.speculative.method is "draft"."""
         self.config = config
         self.arch = loaded.arch_config
         self.tokenizer = loaded.tokenizer
@@ -44,6 +49,7 @@ class EngineCore:
         self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
         self.runner = ModelRunner(loaded.model, self.arch, num_blocks, block_size, dtype, device)
+        self.spec = _build_spec_controller(config, loaded, draft, num_blocks, dtype, device, self.max_model_len)
         # Parameters of the loaded weights (tied embeddings once): what the price book buckets by.
         self.num_params = sum(p.numel() for p in loaded.model.parameters())
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -90,14 +96,22 @@ class EngineCore:
         scheduled = self.scheduler.schedule()
         if scheduled.is_empty:
             return []
+        num_outputs = {r.request_id: r.num_output_tokens for r in scheduled.scheduled_requests}
         sampled = self.runner.execute(scheduled)
+        if self.spec is not None:
+            self.spec.record(scheduled, sampled)
         updated = self.scheduler.update(scheduled, sampled)
         self.num_steps += 1
-        return [self._process(request) for request in updated]
+        outputs = [self._process(r, r.num_output_tokens - num_outputs[r.request_id]) for r in updated]
+        if self.spec is not None:
+            self.spec.propose(self.scheduler.running)  # drafts for the next step
+        return outputs
 
-    def _process(self, request: Request) -> RequestOutput:
-        """Detokenizes the request's new token and applies stop strings."""
-        new_token_ids = request.output_token_ids[-1:]
+    def _process(self, request: Request, num_new: int) -> RequestOutput:
+        """Detokenizes the request's new tokens (several with speculative decoding) and applies
+        stop strings, token by token: tokens after one that completes a stop string are dropped."""
+        first = request.num_output_tokens - num_new  # output index of the first new token
+        new_token_ids = request.output_token_ids[first:]
         detokenizer = self.detokenizers.get(request.request_id)
         if detokenizer is None:
             return self._output(request, new_token_ids, "")
@@ -105,8 +119,15 @@ class EngineCore:
         stopped_by_token = request.status == RequestStatus.FINISHED_STOPPED
         # As OpenAI and vLLM do, the text of a stop token (or EOS) is not part of the output.
         visible = new_token_ids[:-1] if stopped_by_token and not params.include_stop_str_in_output else new_token_ids
-        # Stop strings count only once min_tokens are out (EOS and stop ids are banned until then).
-        stop = detokenizer.update(visible, check_stop=request.num_output_tokens > params.min_tokens)
+        stop = None
+        for index, token_id in enumerate(visible, start=first + 1):
+            # Stop strings count only once min_tokens are out (EOS and stop ids are banned until then).
+            stop = detokenizer.update([token_id], check_stop=index > params.min_tokens)
+            if stop is not None:
+                del request.output_token_ids[index:]
+                del request.output_logprobs[index:]
+                new_token_ids = new_token_ids[: index - first]
+                break
         if stop is not None:
             request.stop_reason = stop
             if request.is_finished:  # the same token also reached max_tokens: the stop string wins
@@ -135,11 +156,31 @@ class EngineCore:
         )
 
     def stats(self) -> dict[str, float]:
+        """Gauges for /metrics; spec_* (speculative decoding, since start) only when it is on."""
         kv = self.kv_cache_manager
         queried = kv.num_prefix_queried_tokens
-        return {
+        stats = {
             "num_running": self.scheduler.num_running,
             "num_waiting": self.scheduler.num_waiting,
             "kv_cache_usage": kv.usage,
             "prefix_cache_hit_rate": kv.num_prefix_hit_tokens / queried if queried else 0.0,
         }
+        if self.spec is not None:
+            stats.update(self.spec.stats_dict())
+        return stats
+
+
+def _build_spec_controller(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | None, num_blocks: int,
+                           dtype: torch.dtype, device: torch.device, max_model_len: int) -> SpecController | None:
+    spec = config.speculative
+    if not spec.enabled:
+        return None
+    if spec.method == "ngram":
+        proposer = NgramProposer(spec.ngram_min, spec.ngram_max)
+    elif spec.method == "draft":
+        if draft is None:
+            raise ConfigError("speculative method 'draft' needs a draft model (--draft-model)")
+        proposer = DraftModelProposer(draft, loaded, num_blocks, config.cache.block_size, dtype, device)
+    else:
+        raise ConfigError(f"unknown speculative method {spec.method!r} (choose ngram or draft)")
+    return SpecController(spec, proposer, max_model_len)

@@ -1,5 +1,6 @@
 """Builds an EngineCore from an EngineConfig: resolve the model, pick device and dtype, load."""
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -8,7 +9,7 @@ import torch
 
 from tokenforge.config import EngineConfig, ModelConfig, default_cache_dir
 from tokenforge.engine.engine_core import EngineCore
-from tokenforge.errors import InvalidRequestError
+from tokenforge.errors import ConfigError, InvalidRequestError
 from tokenforge.model.catalog import shape_config
 from tokenforge.model.loader import LoadedModel, load_model
 from tokenforge.model.pull import resolve_model
@@ -53,4 +54,11 @@ def load(mc: ModelConfig) -> tuple[LoadedModel, torch.dtype, torch.device]:
 
 
 def build_engine_core(config: EngineConfig) -> EngineCore:
-    return EngineCore(config, *load(config.model))
+    loaded, dtype, device = load(config.model)
+    draft = None
+    if config.speculative.enabled and config.speculative.method == "draft":
+        if config.speculative.draft_model is None:
+            raise ConfigError("speculative method 'draft' needs a draft model (--draft-model)")
+        # Same device and dtype as the target: the draft's K/V live next to the target's.
+        draft, _, _ = load(dataclasses.replace(config.model, model=config.speculative.draft_model))
+    return EngineCore(config, loaded, dtype, device, draft=draft)

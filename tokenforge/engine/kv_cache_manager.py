@@ -107,6 +107,16 @@ class KVCacheManager:
             self.block_pool.cache_block(blocks[i], hashes[i])
         self.num_cached_blocks[request.request_id] = num_full
 
+    def trim(self, request: Request, num_tokens: int) -> None:
+        """Frees the request's blocks past those that num_tokens tokens need: the slots of
+        rejected draft tokens (speculative decoding). Trimmed blocks were never hashed."""
+        blocks = self.req_to_blocks.get(request.request_id, [])
+        num_kept = cdiv(num_tokens, self.block_size)
+        if len(blocks) > num_kept:
+            assert num_kept >= self.num_cached_blocks.get(request.request_id, 0)
+            self.block_pool.free_blocks(list(reversed(blocks[num_kept:])))
+            del blocks[num_kept:]
+
     def free(self, request: Request) -> None:
         """Releases the request's blocks, tail first (a prefix's head outlives its tail)."""
         blocks = self.req_to_blocks.pop(request.request_id, [])

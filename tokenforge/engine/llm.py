@@ -4,7 +4,7 @@ import dataclasses
 import itertools
 from dataclasses import dataclass
 
-from tokenforge.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tokenforge.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig
 from tokenforge.engine.engine_core import EngineCore
 from tokenforge.engine.factory import build_engine_core
 from tokenforge.engine.request import FinishReason
@@ -30,15 +30,17 @@ class GenerationOutput:
     num_cached_tokens: int = 0
 
 
-def split_config_kwargs(**kwargs) -> EngineConfig:
-    """Keyword arguments (model=, dtype=, block_size=, max_num_seqs=, ...) -> EngineConfig."""
+def split_config_kwargs(speculative: SpeculativeConfig | None = None, **kwargs) -> EngineConfig:
+    """Keyword arguments (model=, dtype=, block_size=, max_num_seqs=, ...) -> EngineConfig;
+    speculative decoding as one SpeculativeConfig (its max_num_seqs is not the scheduler's)."""
     parts = {}
     for cls in (ModelConfig, CacheConfig, SchedulerConfig):
         names = {f.name for f in dataclasses.fields(cls)}
         parts[cls] = cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
     if kwargs:
         raise TypeError(f"unknown engine options: {', '.join(kwargs)}")
-    return EngineConfig(parts[ModelConfig], parts[CacheConfig], parts[SchedulerConfig])
+    return EngineConfig(parts[ModelConfig], parts[CacheConfig], parts[SchedulerConfig],
+                        speculative or SpeculativeConfig())
 
 
 def child_params(params: SamplingParams, index: int) -> SamplingParams:

@@ -57,6 +57,10 @@ class Request:
     # Per-step logprobs of sampled tokens when asked for: (token_id, logprob, top [(id, logprob)]).
     output_logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     generator: torch.Generator | None = None
+    # Draft tokens proposed for the next step (speculative decoding): not part of the output until
+    # the target model verifies them. q of each when drafted by sampling (see spec.proposer).
+    spec_token_ids: list[int] = field(default_factory=list)
+    spec_draft_probs: torch.Tensor | None = None  # [len(spec_token_ids), vocab_size]
 
     def __post_init__(self) -> None:
         if self.sampling_params.seed is not None and self.generator is None:

@@ -17,8 +17,12 @@ from tokenforge.engine.request import Request, RequestStatus
 class SchedulerOutput:
     # Requests that run this step, in batch order: running ones first, then new admissions.
     scheduled_requests: list[Request] = field(default_factory=list)
-    # request_id -> tokens computed this step (a prompt chunk, or 1 when decoding).
+    # request_id -> tokens computed this step (a prompt chunk, or 1 when decoding, plus any
+    # draft tokens to verify).
     num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    # request_id -> draft tokens to verify this step, the last of its scheduled tokens (only
+    # requests that have some).
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
     # request_id -> the request's block table after this step's allocation.
     block_ids: dict[str, list[int]] = field(default_factory=dict)
     # Requests preempted this step: their blocks are freed and they wait to recompute.
@@ -77,10 +81,13 @@ class Scheduler:
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
-            num_tokens = min(request.num_tokens - request.num_computed_tokens, budget)
+            num_new = request.num_tokens - request.num_computed_tokens
+            num_tokens = min(num_new + len(request.spec_token_ids), budget)
             if not self._allocate_or_preempt(request, num_tokens, output):
                 break  # the request preempted itself
             output.add(request, num_tokens, self.kv_cache_manager.get_block_ids(request.request_id))
+            if num_tokens > num_new:  # drafts cut short by the budget are dropped
+                output.spec_token_ids[request.request_id] = request.spec_token_ids[: num_tokens - num_new]
             budget -= num_tokens
             index += 1
         if not output.preempted_request_ids:
@@ -100,6 +107,8 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.spec_token_ids = []
+        request.spec_draft_probs = None
         request.num_preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)
@@ -121,23 +130,40 @@ class Scheduler:
             output.add(request, num_tokens, kv.get_block_ids(request.request_id))
             budget -= num_tokens
 
-    def update(self, output: SchedulerOutput, sampled: dict[str, SampledToken]) -> list[Request]:
-        """Advances the scheduled requests; returns those that got a token (finished ones too)."""
+    def update(self, output: SchedulerOutput, sampled: dict[str, list[SampledToken]]) -> list[Request]:
+        """Advances the scheduled requests; returns those that got tokens (finished ones too).
+
+        sampled[request_id]: the accepted draft tokens, then one token the target chose (a
+        single token without speculation). Rejected drafts' K/V slots are rolled back.
+        """
         updated = []
         for request in output.scheduled_requests:
             if request.is_finished:
                 continue
-            request.num_computed_tokens += output.num_scheduled_tokens[request.request_id]
+            request_id = request.request_id
+            tokens = sampled.get(request_id, [])
+            num_drafts = len(output.spec_token_ids.get(request_id, ()))
+            num_rejected = num_drafts - (len(tokens) - 1) if num_drafts else 0
+            request.num_computed_tokens += output.num_scheduled_tokens[request_id] - num_rejected
+            request.spec_token_ids = []
+            request.spec_draft_probs = None
+            status = None
+            for token in tokens:
+                request.output_token_ids.append(token.token_id)
+                if token.logprobs is not None:
+                    request.output_logprobs.append((token.token_id, *token.logprobs))
+                status = self._check_stop(request, token.token_id)
+                if status is not None:
+                    break  # later accepted tokens are dropped, as if generated one at a time
+            # A stop inside the accepted tokens leaves computed K/V past the shortened sequence.
+            request.num_computed_tokens = min(request.num_computed_tokens, request.num_tokens)
+            if num_rejected:
+                self.kv_cache_manager.trim(request, request.num_tokens)
             self.kv_cache_manager.cache_blocks(request)
-            token = sampled.get(request.request_id)
-            if token is None:
+            if not tokens:
                 continue  # a prompt chunk that did not reach the end of the prompt
-            request.output_token_ids.append(token.token_id)
-            if token.logprobs is not None:
-                request.output_logprobs.append((token.token_id, *token.logprobs))
-            status = self._check_stop(request, token.token_id)
             if status is not None:
-                self.finish_request(request.request_id, status)
+                self.finish_request(request_id, status)
             updated.append(request)
         return updated
 

@@ -1,15 +1,18 @@
-"""ModelRunner: turns a SchedulerOutput into one flat batch, runs the model, samples tokens."""
+"""ModelRunner: turns a SchedulerOutput into one flat batch, runs the model, samples tokens.
+
+Requests with draft tokens (speculative decoding) are verified in the same forward pass: their
+last token and drafts run as one chunk, and the sampler accepts a prefix of the drafts.
+"""
 
 import math
 import mmap
 
 import torch
 
-from tokenforge.engine.kv_cache_manager import cdiv
 from tokenforge.engine.request import Request
 from tokenforge.engine.scheduler import SampledToken, SchedulerOutput
 from tokenforge.model.arch_config import ArchConfig
-from tokenforge.model.layers.attention import AttentionMetadata
+from tokenforge.worker.batch import ForwardBatch, SequenceChunk, build_batch
 from tokenforge.worker.sampler import Sampler
 
 
@@ -26,73 +29,49 @@ class ModelRunner:
         self.sampler = Sampler()
 
     @torch.inference_mode()
-    def execute(self, scheduled: SchedulerOutput) -> dict[str, SampledToken]:
-        input_ids, positions, meta, logits_indices, sample_requests = self.prepare(scheduled)
-        hidden = self.model(input_ids, positions, self.kv_caches, meta)
-        if not sample_requests:
+    def execute(self, scheduled: SchedulerOutput) -> dict[str, list[SampledToken]]:
+        """request_id -> its new tokens: the accepted drafts, then one sampled token."""
+        batch = self.prepare(scheduled)
+        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+        requests = scheduled.scheduled_requests
+        rows = [(r, rows) for r, rows in zip(requests, batch.logits_rows) if rows]
+        if not rows:
             return {}
-        logits = self.model.compute_logits(hidden[logits_indices]).float()
-        out = self.sampler(logits, sample_requests)
-        return {
-            request.request_id: SampledToken(token_id, logprobs)
-            for request, token_id, logprobs in zip(sample_requests, out.sampled_token_ids, out.logprobs)
-        }
+        logits = self.model.compute_logits(hidden[batch.logits_indices]).float()
+        out: dict[str, list[SampledToken]] = {}
+        plain = [(r, row.start) for r, row in rows if len(row) == 1]
+        if plain:
+            sampled = self.sampler(logits[[start for _, start in plain]], [r for r, _ in plain])
+            for (request, _), token_id, logprobs in zip(plain, sampled.sampled_token_ids, sampled.logprobs):
+                out[request.request_id] = [SampledToken(token_id, logprobs)]
+        spec = [(r, row) for r, row in rows if len(row) > 1]
+        if spec:
+            spec_rows = [i for _, row in spec for i in row]
+            drafts = [scheduled.spec_token_ids[r.request_id] for r, _ in spec]
+            draft_probs = [_draft_probs(r, len(d)) for (r, _), d in zip(spec, drafts)]
+            verified = self.sampler.verify(logits[spec_rows], [r for r, _ in spec], drafts, draft_probs)
+            for (request, _), token_ids in zip(spec, verified):
+                out[request.request_id] = [SampledToken(t) for t in token_ids]
+        return out
 
-    def prepare(self, scheduled: SchedulerOutput):
-        """Builds every tensor of the step's batch; decodes (one query token) go first."""
-        num_tokens = scheduled.num_scheduled_tokens
-        requests = sorted(scheduled.scheduled_requests, key=lambda r: num_tokens[r.request_id] != 1)
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        logits_indices: list[int] = []
-        sample_requests: list[Request] = []
-        num_decodes = 0
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        prefills: list[tuple[int, int, int]] = []
-        prefill_block_ids: list[torch.Tensor] = []
-        for request in requests:
-            n = num_tokens[request.request_id]
+    def prepare(self, scheduled: SchedulerOutput) -> ForwardBatch:
+        """The step's batch, with logits rows for each request whose whole sequence is computed:
+        one row, or k + 1 rows for a request verifying k drafts."""
+        chunks = []
+        for request in scheduled.scheduled_requests:
+            drafts = scheduled.spec_token_ids.get(request.request_id, [])
             start = request.num_computed_tokens
-            end = start + n
-            block_ids = scheduled.block_ids[request.request_id]
-            first = len(input_ids)
-            input_ids.extend(_token_slice(request, start, end))
-            positions.extend(range(start, end))
-            slots.extend(block_ids[p // bs] * bs + p % bs for p in range(start, end))
-            if n == 1:
-                num_decodes += 1
-                decode_tables.append(block_ids[: cdiv(end, bs)])
-                decode_lens.append(end)
-            else:
-                prefills.append((first, n, end))
-                prefill_block_ids.append(torch.tensor(block_ids[: cdiv(end, bs)], device=self.device))
-            if end == request.num_tokens:  # the whole sequence is computed: sample its next token
-                logits_indices.append(first + n - 1)
-                sample_requests.append(request)
-        meta = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=self.device),
-            num_decodes=num_decodes,
-            decode_block_tables=self._pad_tables(decode_tables),
-            decode_mask=self._decode_mask(decode_lens),
-            prefills=prefills,
-            prefill_block_ids=prefill_block_ids,
-        )
-        as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=self.device)  # noqa: E731
-        return as_tensor(input_ids), as_tensor(positions), meta, as_tensor(logits_indices), sample_requests
+            end = start + scheduled.num_scheduled_tokens[request.request_id] - len(drafts)
+            num_logits = len(drafts) + 1 if end == request.num_tokens else 0
+            chunks.append(SequenceChunk(_token_slice(request, start, end) + drafts, start,
+                                        scheduled.block_ids[request.request_id], num_logits))
+        return build_batch(chunks, self.block_size, self.device)
 
-    def _pad_tables(self, tables: list[list[int]]) -> torch.Tensor:
-        width = max((len(t) for t in tables), default=0)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        return torch.tensor(padded, dtype=torch.int64, device=self.device).view(len(tables), width)
 
-    def _decode_mask(self, context_lens: list[int]) -> torch.Tensor:
-        width = cdiv(max(context_lens, default=0), self.block_size) * self.block_size
-        lens = torch.tensor(context_lens, dtype=torch.int64, device=self.device)
-        mask = torch.arange(width, device=self.device).unsqueeze(0) < lens.unsqueeze(1)
-        return mask.view(len(context_lens), 1, 1, width)
+def _draft_probs(request: Request, num_drafts: int) -> torch.Tensor | None:
+    """q of the drafts the scheduler kept (it may cut them short); None for one-hot drafts."""
+    probs = request.spec_draft_probs
+    return None if probs is None else probs[:num_drafts]
 
 
 def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenforge.engine.request import Request
+from tokenforge.spec.rejection import rejection_sample, verify_greedy
 
 # Rows with top-p or min-p but no top-k are first filtered within their this-many likeliest
 # tokens; only a row whose kept set may reach past them pays for a full-vocabulary sort.
@@ -177,6 +178,40 @@ class Sampler:
                 output_logprobs[row] = (logprob, list(zip(top_ids[:k], top_logprobs[:k])))
         return SamplerOutput(token_ids.tolist(), output_logprobs)
 
+    def verify(self, logits: torch.Tensor, requests: list[Request], drafts: list[list[int]],
+               draft_probs: list[torch.Tensor | None]) -> list[list[int]]:
+        """Speculative verification. logits [sum(k_i + 1), vocab_size]: request i's k_i + 1 rows
+        follow its last token and each of its drafts. Returns per request the accepted drafts
+        and one more token (see spec.rejection). Position-dependent processing (penalties, the
+        min_tokens ban, logprobs) is never speculated (spec.controller), so every row of a
+        request is processed alike."""
+        row_requests = [r for r, d in zip(requests, drafts) for _ in range(len(d) + 1)]
+        starts = list(itertools.accumulate((len(d) + 1 for d in drafts), initial=0))
+        greedy = [i for i, r in enumerate(requests) if r.sampling_params.greedy]
+        sampled = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
+        out: list[list[int]] = [[] for _ in requests]
+        if greedy:
+            logits = self._with_bias(logits, row_requests)
+            token_ids = logits.argmax(dim=-1).tolist()
+            for i in greedy:
+                out[i] = verify_greedy(drafts[i], token_ids[starts[i] : starts[i + 1]])
+        if sampled:
+            probs = sampling_probs(logits, row_requests)  # [num_rows, vocab_size]
+            for i in sampled:
+                out[i] = rejection_sample(drafts[i], probs[starts[i] : starts[i + 1]], draft_probs[i],
+                                          requests[i].generator)
+        return out
+
+    @classmethod
+    def _with_bias(cls, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        """logits with each row's logit_bias added (a copy when any; the same tensor otherwise)."""
+        rows = [i for i, r in enumerate(requests) if r.sampling_params.logit_bias]
+        if not rows:
+            return logits
+        logits = logits.float().clone()
+        cls._adjust_logits(logits, requests, rows)
+        return logits
+
     @staticmethod
     def _adjust_logits(logits: torch.Tensor, requests: list[Request], rows: list[int]) -> None:
         """In place: logit_bias, the min_tokens ban on EOS and stop ids, then penalties."""
@@ -253,3 +288,27 @@ class Sampler:
                 token_ids[[filtered[j] for j in done]] = chosen
             filtered = [row for row, ok in zip(filtered, covered_list) if not ok]
         return token_ids
+
+
+def sampling_probs(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    """[n, vocab_size]: the distribution each row's token is drawn from (temperature > 0 rows):
+    logit_bias, temperature, then top-k, top-p and min-p, renormalised. Penalties and the
+    min_tokens ban are left out: speculation, the only caller, is off while they apply."""
+    logits = Sampler._with_bias(logits, requests).float().clone()  # ours to change
+    params = [r.sampling_params for r in requests]
+    vocab_size, device = logits.shape[-1], logits.device
+    logits.div_(torch.tensor([p.temperature for p in params], device=device).unsqueeze(1))
+    probs = logits.softmax(dim=-1)
+    filtered = [i for i, p in enumerate(params) if p.top_k or p.top_p < 1.0 or p.min_p > 0.0]
+    if filtered:
+        rows_params = [params[i] for i in filtered]
+        kept, token_ids, _ = filter_top_candidates(
+            logits[filtered],
+            torch.tensor([p.top_k or vocab_size for p in rows_params], device=device),
+            torch.tensor([p.top_p for p in rows_params], device=device),
+            torch.tensor([p.min_p for p in rows_params], device=device),
+            vocab_size,  # every token is a candidate: the kept set is always covered
+        )
+        kept = kept / kept.sum(dim=-1, keepdim=True)
+        probs[filtered] = torch.zeros_like(kept).scatter_(1, token_ids, kept)
+    return probs

@@ -44,14 +44,14 @@ def make_scheduler(
     return Scheduler(config, make_kv_cache_manager(num_blocks, block_size, enable_caching), max_model_len)
 
 
-def sample_for(output: SchedulerOutput, tokens: dict[str, int] | None = None) -> dict[str, SampledToken]:
+def sample_for(output: SchedulerOutput, tokens: dict[str, int] | None = None) -> dict[str, list[SampledToken]]:
     """What a model runner returns: a token for each request whose scheduled tokens end its sequence."""
     tokens = tokens or {}
     sampled = {}
     for request in output.scheduled_requests:
         num_scheduled = output.num_scheduled_tokens[request.request_id]
         if request.num_computed_tokens + num_scheduled == request.num_tokens:
-            sampled[request.request_id] = SampledToken(tokens.get(request.request_id, SAMPLED_TOKEN_ID))
+            sampled[request.request_id] = [SampledToken(tokens.get(request.request_id, SAMPLED_TOKEN_ID))]
     return sampled
 
 

@@ -362,7 +362,7 @@ def test_update_records_logprobs_when_given():
     request = make_request("a", max_tokens=2, logprobs=1)
     scheduler.add_request(request)
     output = scheduler.schedule()
-    scheduler.update(output, {"a": SampledToken(5, (-0.5, [(5, -0.5)]))})
+    scheduler.update(output, {"a": [SampledToken(5, (-0.5, [(5, -0.5)]))]})
     assert request.output_logprobs == [(5, -0.5, [(5, -0.5)])]
 
 
@@ -415,7 +415,7 @@ def test_abort_between_schedule_and_update_skips_the_request():
     scheduler.add_request(b)
     output = scheduler.schedule()
     scheduler.finish_request("a", RequestStatus.FINISHED_ABORTED)
-    updated = scheduler.update(output, {"a": SampledToken(5), "b": SampledToken(5)})
+    updated = scheduler.update(output, {"a": [SampledToken(5)], "b": [SampledToken(5)]})
     assert updated == [b]
     assert a.output_token_ids == []
     assert scheduler.kv_cache_manager.get_block_ids("a") == []

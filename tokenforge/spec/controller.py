@@ -1,0 +1,151 @@
+"""SpecController: which requests speculate, how many tokens each drafts, and the statistics.
+
+Adaptive k: each request keeps a running estimate a of the chance that a draft token is
+accepted. With k drafts a verification step yields 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)
+tokens on average and costs about 1 + k * (draft_cost + VERIFY_COST) decode steps; k is the
+best ratio, and 0 (off, re-tried every PROBE_INTERVAL steps) when no k beats plain decoding.
+Above `max_num_seqs` running requests a step is compute-bound and speculation is off for all.
+"""
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tokenforge.config import SpeculativeConfig
+from tokenforge.spec.proposer import Proposer
+
+if TYPE_CHECKING:
+    from tokenforge.engine.request import Request
+    from tokenforge.engine.scheduler import SampledToken, SchedulerOutput
+
+# Extra cost of verifying one more token in a step, in decode steps (small: a decode step
+# reads every weight once whatever the number of tokens; measured on CPU at batch 1).
+VERIFY_COST = 0.1
+PRIOR_ACCEPTANCE = 0.7  # a request's estimate before its first verification
+EMA_WEIGHT = 0.2  # weight of each new accept/reject outcome in the estimate
+PROBE_INTERVAL = 16  # steps a switched-off request waits before drafting again
+
+
+@dataclass
+class SpecStats:
+    num_drafts: int = 0  # verification steps (a request with at least one draft token)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per verification step: the accepted drafts plus the target's own token."""
+        return (self.num_accepted_tokens + self.num_drafts) / self.num_drafts if self.num_drafts else 0.0
+
+
+def expected_num_tokens(acceptance: float, num_drafts: int) -> float:
+    """1 + a + a^2 + ... + a^k: tokens per verification step when each draft is accepted with
+    probability a given the ones before were."""
+    return sum(acceptance**i for i in range(num_drafts + 1))
+
+
+def best_num_drafts(acceptance: float, max_num_drafts: int, draft_cost: float) -> int:
+    """The k in [0, max_num_drafts] with the most tokens per unit of cost (0: do not draft)."""
+    best, best_rate = 0, 1.0
+    for k in range(1, max_num_drafts + 1):
+        rate = expected_num_tokens(acceptance, k) / (1.0 + k * (draft_cost + VERIFY_COST))
+        if rate > best_rate + 1e-9:
+            best, best_rate = k, rate
+    return best
+
+
+def can_speculate(request: "Request") -> bool:
+    """Position-dependent sampling (penalties, the min_tokens ban) and logprobs are not verified."""
+    params = request.sampling_params
+    penalties = (params.repetition_penalty, params.frequency_penalty, params.presence_penalty) != (1.0, 0.0, 0.0)
+    return (params.num_speculative_tokens != 0 and params.logprobs is None and not penalties
+            and request.num_output_tokens >= params.min_tokens)
+
+
+class SpecController:
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int):
+        self.config = config
+        self.proposer = proposer
+        self.max_model_len = max_model_len
+        self.stats = SpecStats()
+        self.acceptance: dict[str, float] = {}  # request_id -> estimated acceptance per token
+        self.num_idle_steps: dict[str, int] = {}  # request_id -> steps since it stopped drafting
+
+    def propose(self, running: list["Request"]) -> None:
+        """Sets spec_token_ids (and spec_draft_probs) of the running requests for the next step."""
+        live = {r.request_id for r in running}
+        self.proposer.release(live)
+        for request_id in [i for i in self.acceptance if i not in live]:
+            del self.acceptance[request_id]
+            self.num_idle_steps.pop(request_id, None)
+        if len(running) > self.config.max_num_seqs:
+            return
+        wanted = {}
+        for request in running:
+            num_drafts = self._num_drafts(request)
+            if num_drafts:
+                wanted[request.request_id] = num_drafts
+        if not wanted:
+            return
+        drafting = {r.request_id: r for r in running if r.request_id in wanted}
+        for request_id, proposal in self.proposer.propose(list(drafting.values()), wanted).items():
+            request = drafting[request_id]
+            request.spec_token_ids = proposal.token_ids
+            request.spec_draft_probs = proposal.draft_probs
+
+    def _num_drafts(self, request: "Request") -> int:
+        if request.num_computed_tokens != request.num_tokens - 1 or not can_speculate(request):
+            return 0  # still prefilling, or sampling that verification does not cover
+        params = request.sampling_params
+        k = self.config.num_speculative_tokens
+        if params.num_speculative_tokens is not None:
+            k = min(k, params.num_speculative_tokens)
+        # Drafts past the context or max_tokens would be dropped after verification anyway.
+        k = min(k, self.max_model_len - request.num_tokens)
+        if params.max_tokens is not None:
+            k = min(k, params.max_tokens - request.num_output_tokens - 1)
+        if k <= 0 or not self.config.adaptive:
+            return max(k, 0)
+        acceptance = self.acceptance.get(request.request_id, PRIOR_ACCEPTANCE)
+        best = best_num_drafts(acceptance, k, self.proposer.draft_cost)
+        if best:
+            return best
+        idle = self.num_idle_steps.get(request.request_id, 0) + 1
+        if idle < PROBE_INTERVAL:
+            self.num_idle_steps[request.request_id] = idle
+            return 0
+        # Probe again: the text may have changed (a code block after prose), from halfway back
+        # to the prior so that one good step can turn speculation on again.
+        self.num_idle_steps[request.request_id] = 0
+        self.acceptance[request.request_id] = (acceptance + PRIOR_ACCEPTANCE) / 2
+        return 1
+
+    def record(self, scheduled: "SchedulerOutput", sampled: dict[str, list["SampledToken"]]) -> None:
+        """Counts drafted and accepted tokens of a step and updates each request's estimate."""
+        for request_id, drafts in scheduled.spec_token_ids.items():
+            tokens = sampled.get(request_id)
+            if not tokens:
+                continue
+            num_accepted = len(tokens) - 1
+            self.stats.num_drafts += 1
+            self.stats.num_draft_tokens += len(drafts)
+            self.stats.num_accepted_tokens += num_accepted
+            # Outcomes seen: num_accepted acceptances, then one rejection unless all were accepted.
+            outcomes = [1.0] * num_accepted + ([0.0] if num_accepted < len(drafts) else [])
+            estimate = self.acceptance.get(request_id, PRIOR_ACCEPTANCE)
+            for outcome in outcomes:
+                estimate += EMA_WEIGHT * (outcome - estimate)
+            self.acceptance[request_id] = estimate
+
+    def stats_dict(self) -> dict[str, float]:
+        stats = self.stats
+        return {
+            "spec_num_drafts": stats.num_drafts,
+            "spec_num_draft_tokens": stats.num_draft_tokens,
+            "spec_num_accepted_tokens": stats.num_accepted_tokens,
+            "spec_acceptance_rate": stats.acceptance_rate,
+            "spec_mean_accepted_length": stats.mean_accepted_length,
+        }

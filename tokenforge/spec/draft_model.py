@@ -1,0 +1,137 @@
+"""Draft-model proposer: a smaller model with the same vocabulary drafts k tokens per request.
+
+The draft keeps its own paged KV cache. Each step it first catches up on the tokens it has not
+seen (the prompt, the tokens accepted last step, the target's own token) in one batched pass,
+then drafts one token per pass. Its K/V of rejected drafts are overwritten next time: the
+longest prefix of what it computed that matches the request's real tokens stays valid.
+"""
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from tokenforge.engine.block_pool import Block, BlockPool
+from tokenforge.engine.kv_cache_manager import cdiv
+from tokenforge.errors import ConfigError
+from tokenforge.model.loader import LoadedModel
+from tokenforge.spec.proposer import Proposal
+from tokenforge.spec.rejection import draw
+from tokenforge.worker.batch import SequenceChunk, build_batch
+from tokenforge.worker.model_runner import allocate_zeroed
+from tokenforge.worker.sampler import sampling_probs
+
+if TYPE_CHECKING:
+    from tokenforge.engine.request import Request
+
+
+def check_vocab_match(target: LoadedModel, draft: LoadedModel) -> None:
+    """Refuses a draft whose token ids mean something else than the target's (ConfigError)."""
+    target_size, draft_size = target.arch_config.vocab_size, draft.arch_config.vocab_size
+    if target_size != draft_size:
+        raise ConfigError(f"the draft model's vocabulary has {draft_size} ids, the target's {target_size}: "
+                          "speculative decoding needs the same tokenizer")
+    if target.tokenizer is None or draft.tokenizer is None:
+        return  # shape-only models: ids are all there is
+    target_vocab, draft_vocab = target.tokenizer.get_vocab(), draft.tokenizer.get_vocab()
+    if target_vocab != draft_vocab:
+        differing = sorted(set(target_vocab.items()) ^ set(draft_vocab.items()))[:3]
+        raise ConfigError("the draft model's tokenizer differs from the target's (for example "
+                          f"{differing}): speculative decoding needs the same tokenizer")
+
+
+@dataclass
+class _DraftSequence:
+    blocks: list[Block] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # tokens whose K/V the draft cache holds
+    num_verified: int = 0  # the first this-many of token_ids were the request's real tokens
+
+
+class DraftModelProposer:
+    def __init__(self, draft: LoadedModel, target: LoadedModel, num_blocks: int, block_size: int,
+                 dtype: torch.dtype, device: torch.device):
+        check_vocab_match(target, draft)
+        self.model = draft.model
+        self.device = device
+        self.block_size = block_size
+        arch = draft.arch_config
+        shape = (arch.num_layers, num_blocks, block_size, 2, arch.num_kv_heads, arch.head_dim)
+        self.kv_caches = allocate_zeroed(shape, dtype, device)  # as the target's (ModelRunner)
+        self.block_pool = BlockPool(num_blocks, enable_caching=False)
+        self.sequences: dict[str, _DraftSequence] = {}
+        # A decode step reads every weight once: its cost scales with the parameter count.
+        self.draft_cost = arch.num_params / target.arch_config.num_params
+
+    def release(self, live_request_ids: set[str]) -> None:
+        for request_id in [i for i in self.sequences if i not in live_request_ids]:
+            self.block_pool.free_blocks(self.sequences.pop(request_id).blocks)
+
+    @torch.inference_mode()
+    def propose(self, requests: list["Request"], num_tokens: dict[str, int]) -> dict[str, Proposal]:
+        chunks, drafting = [], []
+        for request in requests:
+            chunk = self._catch_up(request, num_tokens[request.request_id])
+            if chunk is not None:
+                chunks.append(chunk)
+                drafting.append(request)
+        drafts: list[list[int]] = [[] for _ in drafting]
+        probs: list[list[torch.Tensor]] = [[] for _ in drafting]
+        for step in range(max((num_tokens[r.request_id] for r in drafting), default=0)):
+            if step:  # feed each request's last draft; those that have all theirs drop out
+                active = [i for i, r in enumerate(drafting) if len(drafts[i]) < num_tokens[r.request_id]]
+                chunks = [self._next_chunk(drafting[i], drafts[i]) for i in active]
+            else:
+                active = list(range(len(drafting)))
+            batch = build_batch(chunks, self.block_size, self.device)
+            hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
+            logits = self.model.compute_logits(hidden[batch.logits_indices]).float()  # [len(active), V]
+            self._draw(logits, [drafting[i] for i in active], [drafts[i] for i in active], [probs[i] for i in active])
+        proposals = {}
+        for request, token_ids, q in zip(drafting, drafts, probs):
+            sequence = self.sequences[request.request_id]
+            sequence.token_ids = request.all_token_ids + token_ids[:-1]  # the last draft was never fed
+            sequence.num_verified = request.num_tokens
+            proposals[request.request_id] = Proposal(token_ids, torch.stack(q) if q else None)
+        return proposals
+
+    def _catch_up(self, request: "Request", num_drafts: int) -> SequenceChunk | None:
+        """The chunk of tokens the draft has not computed yet; None if its cache is full."""
+        sequence = self.sequences.setdefault(request.request_id, _DraftSequence())
+        token_ids = request.all_token_ids
+        num_valid = sequence.num_verified
+        for old, new in zip(sequence.token_ids[num_valid:], token_ids[num_valid:]):
+            if old != new:
+                break
+            num_valid += 1
+        num_valid = min(num_valid, len(token_ids) - 1)  # the last token's logits are needed
+        # Slots for the real tokens and all drafts but the last (never fed to the draft).
+        num_blocks = cdiv(len(token_ids) + num_drafts - 1, self.block_size) - len(sequence.blocks)
+        if num_blocks > self.block_pool.num_free_blocks:
+            return None
+        if num_blocks > 0:
+            sequence.blocks.extend(self.block_pool.get_new_blocks(num_blocks))
+        sequence.token_ids = token_ids[:num_valid]
+        return SequenceChunk(token_ids[num_valid:], num_valid, [b.block_id for b in sequence.blocks], 1)
+
+    def _next_chunk(self, request: "Request", drafts: list[int]) -> SequenceChunk:
+        sequence = self.sequences[request.request_id]
+        position = request.num_tokens + len(drafts) - 1
+        return SequenceChunk([drafts[-1]], position, [b.block_id for b in sequence.blocks], 1)
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, requests: list["Request"], drafts: list[list[int]],
+              probs: list[list[torch.Tensor]]) -> None:
+        """Appends one draft per request: argmax for greedy requests, else a draw from q (kept
+        for the rejection test), with the request's own generator."""
+        greedy = [r.sampling_params.greedy for r in requests]
+        argmax = logits.argmax(dim=-1).tolist()
+        sampled = [i for i, g in enumerate(greedy) if not g]
+        q = sampling_probs(logits[sampled], [requests[i] for i in sampled]) if sampled else None
+        for row, request in enumerate(requests):
+            if greedy[row]:
+                drafts[row].append(argmax[row])
+                continue
+            q_row = q[sampled.index(row)]
+            uniform = torch.rand(1, generator=request.generator).item()
+            drafts[row].append(draw(q_row, uniform))
+            probs[row].append(q_row)
