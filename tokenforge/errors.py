@@ -25,6 +25,11 @@ class EngineDeadError(TokenforgeError, RuntimeError):
     """The engine loop has died; requests cannot be served (becomes a 503)."""
 
 
+class EngineStepError(TokenforgeError, RuntimeError):
+    """A step failed while running this request; the engine ended the step's requests and went on
+    (becomes a 503: a retry is served by the recovered engine)."""
+
+
 class QueueFullError(TokenforgeError):
     """The waiting queue is at its bound; the caller should retry later (becomes a 503)."""
 

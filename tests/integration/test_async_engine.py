@@ -5,8 +5,8 @@ import asyncio
 import pytest
 
 from tests.integration.helpers import make_engine_core, make_llm
-from tokenforge.engine.async_engine import AsyncEngine
-from tokenforge.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from tokenforge.engine.async_engine import MAX_CONSECUTIVE_STEP_FAILURES, AsyncEngine
+from tokenforge.errors import EngineDeadError, EngineStepError, InvalidRequestError, QueueFullError
 from tokenforge.sampling_params import SamplingParams
 
 PROMPTS = ["The capital of France is", "def add(a, b):", "Once upon a time", "Water boils at"]
@@ -62,20 +62,26 @@ def test_leaving_a_stream_aborts_and_frees_blocks(smollm2_loaded):
         engine.shutdown()
 
 
-def test_dead_loop_fails_every_caller_promptly(smollm2_loaded):
-    core = make_engine_core(smollm2_loaded)
-    engine = AsyncEngine(core).start()
-    token_ids = smollm2_loaded[0].tokenizer.encode("Count to one hundred:")
+def _fail_steps(core, failing: set[int] | None) -> dict:
+    """Makes the forward raise on the given step numbers (1-based), or on every step from now on (None)."""
     real_execute = core.runner.execute
     calls = {"n": 0}
 
     def failing_execute(scheduled):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if failing is None or calls["n"] in failing:
             raise RuntimeError("injected forward failure")
         return real_execute(scheduled)
 
     core.runner.execute = failing_execute
+    return calls
+
+
+def test_failed_step_ends_its_requests_and_the_engine_recovers(smollm2_loaded):
+    core = make_engine_core(smollm2_loaded)
+    engine = AsyncEngine(core).start()
+    token_ids = smollm2_loaded[0].tokenizer.encode("Count to one hundred:")
+    _fail_steps(core, {4})
     long_params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
     try:
         async def main():
@@ -83,15 +89,38 @@ def test_dead_loop_fails_every_caller_promptly(smollm2_loaded):
             return await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), timeout=30)
 
         results = asyncio.run(main())
-        assert all(isinstance(r, EngineDeadError) for r in results), results
+        assert all(isinstance(r, EngineStepError) for r in results), results
         assert "injected forward failure" in str(results[0])
-        assert not engine.is_healthy
+        assert engine.is_healthy and engine.num_step_failures == 1
+        assert core.kv_cache_manager.num_free_blocks == core.kv_cache_manager.block_pool.num_blocks
 
         async def late():
-            return await collect(engine, "late", token_ids)
+            return await collect(engine, "late", token_ids, SamplingParams(temperature=0.0, max_tokens=5))
 
+        assert asyncio.run(late())[-1].finished
+    finally:
+        engine.shutdown()
+
+
+def test_a_step_that_keeps_failing_kills_the_loop_and_every_caller_learns_it(smollm2_loaded):
+    core = make_engine_core(smollm2_loaded)
+    engine = AsyncEngine(core).start()
+    token_ids = smollm2_loaded[0].tokenizer.encode("Count to one hundred:")
+    _fail_steps(core, None)
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    try:
+        async def one(i):
+            return await asyncio.wait_for(collect(engine, f"k{i}", token_ids, params), timeout=30)
+
+        errors = []
+        for i in range(MAX_CONSECUTIVE_STEP_FAILURES):
+            with pytest.raises((EngineStepError, EngineDeadError)) as raised:
+                asyncio.run(one(i))
+            errors.append(type(raised.value))
+        assert errors == [EngineStepError] * (MAX_CONSECUTIVE_STEP_FAILURES - 1) + [EngineDeadError]
+        assert not engine.is_healthy
         with pytest.raises(EngineDeadError):
-            asyncio.run(late())
+            asyncio.run(one("late"))
     finally:
         engine.shutdown()
 

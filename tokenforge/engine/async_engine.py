@@ -1,8 +1,10 @@
 """AsyncEngine: the EngineCore driven by its own thread, with an asyncio front for the server.
 
 Each request gets an asyncio queue of RequestOutput deltas. Leaving the iterator early (client
-gone, task cancelled) aborts the request, which frees its KV blocks before the next step. If the
-loop dies, every waiting caller gets EngineDeadError at once and `is_healthy` turns false.
+gone, task cancelled) aborts the request, which frees its KV blocks before the next step. A step
+that raises ends the requests in the engine with EngineStepError, frees their blocks and goes on;
+after MAX_CONSECUTIVE_STEP_FAILURES failing steps in a row (a broken model or device, not a bad
+request) the loop dies: every waiting caller gets EngineDeadError and `is_healthy` turns false.
 """
 
 import asyncio
@@ -16,13 +18,14 @@ from dataclasses import dataclass, field
 from tokenforge.engine.engine_core import EngineCore
 from tokenforge.engine.outputs import RequestOutput
 from tokenforge.engine.request import Request
-from tokenforge.errors import EngineDeadError, QueueFullError
+from tokenforge.errors import EngineDeadError, EngineStepError, QueueFullError
 from tokenforge.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 IDLE_WAIT_S = 1.0
 STUCK_STEP_S = 120.0  # a single step longer than this makes the engine unhealthy
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 @dataclass
@@ -44,6 +47,8 @@ class AsyncEngine:
         self._closed = False  # set under _lock once no stream will ever be served again
         self.error: BaseException | None = None
         self.step_started_at: float | None = None  # set while a step runs
+        self.num_step_failures = 0  # steps that raised and were recovered from
+        self._core_request_ids: set[str] = set()  # engine thread only: requests the core holds
         self._thread = threading.Thread(target=self._run, name="tokenforge-engine", daemon=True)
 
     # -- caller side (any thread with an asyncio loop) --
@@ -120,6 +125,7 @@ class AsyncEngine:
     # -- engine thread --
 
     def _run(self) -> None:
+        num_failed_in_a_row = 0
         try:
             while not self._stopping:
                 self._take_inputs()
@@ -128,8 +134,17 @@ class AsyncEngine:
                     self._wakeup.clear()
                     continue
                 self.step_started_at = time.monotonic()
-                outputs = self.core.step()
-                self.step_started_at = None
+                try:
+                    outputs = self.core.step()
+                except Exception as exc:  # noqa: BLE001 - recover unless it keeps failing
+                    num_failed_in_a_row += 1
+                    if num_failed_in_a_row >= MAX_CONSECUTIVE_STEP_FAILURES:
+                        raise
+                    self._recover(exc)
+                    continue
+                finally:
+                    self.step_started_at = None
+                num_failed_in_a_row = 0
                 self._deliver(outputs)
         except BaseException as exc:  # noqa: BLE001 - any failure must reach the callers
             logger.exception("engine loop died")
@@ -147,13 +162,32 @@ class AsyncEngine:
         for request, stream in to_add:
             if not stream.finished:
                 self.core.add_request(request)
+                self._core_request_ids.add(request.request_id)
         for request_id in to_abort:
             self.core.abort_request(request_id)
+            self._core_request_ids.discard(request_id)
             with self._lock:
                 self._streams.pop(request_id, None)
 
+    def _recover(self, exc: Exception) -> None:
+        """After a failed step: ends every request in the core with EngineStepError and frees its
+        blocks (nothing of the failed step was committed: the scheduler updates after the forward)."""
+        self.num_step_failures += 1
+        logger.error("engine step failed; ending its %d requests and going on", len(self._core_request_ids),
+                     exc_info=exc)
+        error = EngineStepError(f"the engine failed while running this request: {type(exc).__name__}: {exc}")
+        request_ids, self._core_request_ids = self._core_request_ids, set()
+        for request_id in request_ids:
+            self.core.abort_request(request_id)
+        with self._lock:
+            streams = [self._streams.pop(request_id) for request_id in request_ids if request_id in self._streams]
+        for stream in streams:
+            stream.finished = True
+            _call_soon(stream.loop, stream.queue.put_nowait, error)
+
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
+        self._core_request_ids.difference_update(out.request_id for out in outputs if out.finished)
         with self._lock:
             for out in outputs:
                 stream = self._streams.get(out.request_id)

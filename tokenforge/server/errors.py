@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenforge.control.errors import ControlError, StoreUnavailableError
-from tokenforge.errors import EngineDeadError, InvalidRequestError, QueueFullError
+from tokenforge.errors import EngineDeadError, EngineStepError, InvalidRequestError, QueueFullError
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ def to_api_error(exc: BaseException) -> APIError:
     if isinstance(exc, QueueFullError):
         return APIError(503, "The server is overloaded: its request queue is full. Please retry later.",
                         type="server_error", code="overloaded", headers={"retry-after": str(RETRY_AFTER_FULL_S)})
+    if isinstance(exc, EngineStepError):
+        return APIError(503, f"The engine failed while running this request and has recovered; please retry. ({exc})",
+                        type="server_error", code="engine_step_failed", headers={"retry-after": str(RETRY_AFTER_FULL_S)})
     if isinstance(exc, EngineDeadError):
         return APIError(503, f"The engine is not available: {exc}", type="server_error", code="engine_unavailable",
                         headers={"retry-after": str(RETRY_AFTER_DEAD_S)})
@@ -132,5 +135,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, on_api_error)
     app.add_exception_handler(RequestValidationError, on_validation)
     app.add_exception_handler(StarletteHTTPException, on_http)
-    for cls in (InvalidRequestError, QueueFullError, EngineDeadError, ControlError):
+    for cls in (InvalidRequestError, QueueFullError, EngineDeadError, EngineStepError, ControlError):
         app.add_exception_handler(cls, on_tokenforge)

@@ -71,7 +71,7 @@ def test_full_queue_answers_503_with_retry_after(smollm2_loaded):
         running.stop()
 
 
-def test_engine_death_ends_requests_and_health(smollm2_loaded):
+def test_failed_step_ends_its_requests_and_the_server_recovers(smollm2_loaded):
     running = make_server(smollm2_loaded, num_blocks=64)
     real_execute = running.core.runner.execute
     calls = {"n": 0}
@@ -98,8 +98,29 @@ def test_engine_death_ends_requests_and_health(smollm2_loaded):
         events, whole = asyncio.run(stream_and_wait())
         assert '"error"' in events[-2] and "injected forward failure" in events[-2]
         assert events[-1] == "data: [DONE]"
-        assert whole.status_code == 503 and whole.json()["error"]["code"] == "engine_unavailable"
+        assert whole.status_code == 503 and whole.json()["error"]["code"] == "engine_step_failed"
+        assert whole.headers["retry-after"]
         with httpx.Client(base_url=running.base_url, timeout=30) as client:
+            assert client.get("/health").status_code == 200
+            late = client.post("/v1/chat/completions", json={**body, "max_tokens": 4})
+            assert late.status_code == 200 and late.json()["choices"][0]["finish_reason"] == "length"
+        assert wait_until_idle(running.core, running.engine)
+    finally:
+        running.stop()
+
+
+def test_engine_that_keeps_failing_turns_503_and_unhealthy(smollm2_loaded):
+    running = make_server(smollm2_loaded, num_blocks=64)
+
+    def failing_execute(scheduled):
+        raise RuntimeError("injected forward failure")
+
+    running.core.runner.execute = failing_execute
+    body = {**LONG, "max_tokens": 4}
+    try:
+        with httpx.Client(base_url=running.base_url, timeout=30) as client:
+            codes = [client.post("/v1/chat/completions", json=body).json()["error"]["code"] for _ in range(4)]
+            assert codes == ["engine_step_failed", "engine_step_failed", "engine_unavailable", "engine_unavailable"]
             health = client.get("/health")
             assert health.status_code == 503
             late = client.post("/v1/chat/completions", json=body)
