@@ -9,7 +9,8 @@ from pathlib import Path
 from tokenforge.cli.engine_args import add_engine_args
 from tokenforge.cli.serve_config import LOG_LEVELS, serve_config_from_args
 
-GRACEFUL_SHUTDOWN_S = 10  # on Ctrl-C / SIGTERM, in-flight requests get this long to finish
+GRACEFUL_SHUTDOWN_S = 10  # after draining, uvicorn's own wait for connections to close
+DRAIN_TIMEOUT_S = 60.0
 
 _EPILOG = """\
 config file (--config): TOML; top-level host, port, log_level and engine options for every model, then
@@ -30,6 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, default=None, metavar="FILE.toml",
                         help="serve the models listed in this TOML file (see below)")
     parser.add_argument("--log-level", default="info", choices=LOG_LEVELS)
+    parser.add_argument("--drain-timeout", type=float, default=DRAIN_TIMEOUT_S, metavar="SECONDS",
+                        help="on SIGTERM / Ctrl-C, answer new requests 503 and let those in flight finish for up "
+                             "to this long before exiting; a second signal exits at once (default: %(default)s)")
     control = parser.add_argument_group("control plane (keys, limits, metering)")
     control.add_argument("--auth", default="auto", choices=("auto", "on", "off"),
                          help="require an API key on inference routes; auto (default): on unless --host is a "
@@ -69,12 +73,13 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn
 
         from tokenforge.server.app import create_app
+        from tokenforge.server.draining import DrainingServer
 
         control, auth_required = _open_control(args, config.host, console)
         app = create_app(engines, owns_engines=True, control=control, auth_required=auth_required)
         uvicorn_config = uvicorn.Config(app, host=config.host, port=config.port, log_level=config.log_level,
                                         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
-        uvicorn.Server(uvicorn_config).run()
+        DrainingServer(uvicorn_config, app.state.lifecycle, args.drain_timeout).run()
     finally:
         # A no-op after the app's own shutdown; covers a failed load or start (port in use).
         for engine in engines.values():
@@ -105,3 +110,4 @@ def _open_control(args: argparse.Namespace, host: str, console):
                       "Create organizations and keys with it (/v1/organizations, /v1/keys) or `tokenforge keys`.")
     console.print(f"API keys: {'required' if auth_required else 'off (requests metered to the local organization)'}")
     return control, auth_required
+

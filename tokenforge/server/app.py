@@ -20,7 +20,7 @@ from tokenforge.server.admin import make_admin_router
 from tokenforge.server.billing import Billing
 from tokenforge.server.errors import RETRY_AFTER_DEAD_S, install_error_handlers
 from tokenforge.server.metrics import CONTENT_TYPE, ServerMetrics
-from tokenforge.server.middleware import DEFAULT_MAX_BODY_BYTES, RequestContextMiddleware
+from tokenforge.server.middleware import DEFAULT_MAX_BODY_BYTES, Lifecycle, RequestContextMiddleware
 from tokenforge.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, ModelCard,
                                         ModelList, TokenizeRequest)
 from tokenforge.server.served_models import ServedModel, ServedModels
@@ -51,7 +51,9 @@ def create_app(engines: Mapping[str, AsyncEngine], *, owns_engines: bool = False
     app.state.models = models
     app.state.metrics = metrics
     install_error_handlers(app)
-    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=max_body_bytes)
+    app.state.lifecycle = Lifecycle()
+    app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=max_body_bytes,
+                       lifecycle=app.state.lifecycle)
 
     async def inference_key(request: Request) -> None:
         if billing is not None:

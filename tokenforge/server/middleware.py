@@ -53,11 +53,22 @@ def _rate_limit_headers(scope: Scope, present: list[tuple[bytes, bytes]]) -> lis
     return [(k.encode(), v.encode()) for k, v in state.items() if k.encode() not in names]
 
 
+class Lifecycle:
+    """Requests in flight, and whether the server is draining (shutting down: new requests get 503
+    while the ones in flight finish)."""
+
+    def __init__(self):
+        self.num_in_flight = 0
+        self.draining = False
+
+
 class RequestContextMiddleware:
-    def __init__(self, app: ASGIApp, metrics: ServerMetrics, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    def __init__(self, app: ASGIApp, metrics: ServerMetrics, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                 lifecycle: Lifecycle | None = None):
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.lifecycle = lifecycle or Lifecycle()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -91,12 +102,18 @@ class RequestContextMiddleware:
                     raise BodyTooLargeError()
             return message
 
+        if self.lifecycle.draining and path != "/metrics":
+            await self._send_error(send_with_id, APIError(
+                503, "The server is shutting down; please retry on another replica or in a moment.",
+                type="server_error", code="shutting_down", headers={"retry-after": "5"}))
+            return
         length = content_length(scope["headers"])
         if length is not None and length > self.max_body_bytes:
             await self._send_error(send_with_id, APIError(
                 413, f"The request body has {length} bytes; this server takes at most {self.max_body_bytes}.",
                 code="request_too_large"))
             return
+        self.lifecycle.num_in_flight += 1
         try:
             await self.app(scope, receive_bounded, send_with_id)
         except Exception:  # noqa: BLE001 - anything that escaped the exception handlers
@@ -104,6 +121,8 @@ class RequestContextMiddleware:
             if not started:
                 await self._send_error(send_with_id, APIError(
                     500, "The server had an internal error while processing the request.", type="server_error"))
+        finally:
+            self.lifecycle.num_in_flight -= 1
 
     @staticmethod
     async def _send_error(send: Send, error: APIError) -> None:
