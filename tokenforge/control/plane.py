@@ -54,7 +54,7 @@ class ControlPlane:
     def authenticate(self, presented: str | None, scope: str) -> Principal:
         """The principal of a key that may use `scope`: AuthenticationError (401) for a bad key,
         PermissionDeniedError (403) for a key without the scope."""
-        with self.store.transaction() as db:
+        with self.store.reading() as db:
             principal = keys.authenticate(db, presented)
         if scope not in principal.scopes:
             raise PermissionDeniedError(f"This API key lacks the '{scope}' scope needed here.")
@@ -72,12 +72,13 @@ class ControlPlane:
 
     def admit(self, principal: Principal, request_id: str, model: ModelFacts, endpoint: str,
               num_prompt_tokens: int, max_completion_tokens: int) -> Admission:
-        """Counts the request's tokens (prompt + max completion, as OpenAI estimates them) against the
-        token rate limit, then reserves its worst-case cost (QuotaExceededError if it does not fit)."""
+        """Counts the request and its tokens (prompt + max completion, as OpenAI estimates them)
+        against the per-minute limits, then reserves its worst-case cost (QuotaExceededError if it
+        does not fit). Generation routes are counted here, not in count_request."""
         allowances = self._allowances(principal)
         rate_limit = None
         if allowances:
-            rate_limit = self.limiter.hit(allowances, 0, num_prompt_tokens + max_completion_tokens)
+            rate_limit = self.limiter.hit(allowances, 1, num_prompt_tokens + max_completion_tokens)
         price = self.prices.price_for(model)
         worst_case = price.worst_case_micros(num_prompt_tokens, max_completion_tokens)
         now = datetime.now(UTC)

@@ -55,11 +55,15 @@ def create_app(engines: Mapping[str, AsyncEngine], *, owns_engines: bool = False
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=max_body_bytes,
                        lifecycle=app.state.lifecycle)
 
-    async def inference_key(request: Request) -> None:
+    async def generation_key(request: Request) -> None:
         if billing is not None:
             await billing.authorize(request, "inference")
 
-    inference = [Depends(inference_key)]
+    async def inference_key(request: Request) -> None:
+        if billing is not None:
+            await billing.authorize(request, "inference", count=True)
+
+    generation, inference = [Depends(generation_key)], [Depends(inference_key)]
     if billing is not None:
         app.include_router(make_admin_router(billing))
 
@@ -69,11 +73,11 @@ def create_app(engines: Mapping[str, AsyncEngine], *, owns_engines: bool = False
             raise InvalidRequestError("this model has no tokenizer (random-weight shape model)")
         return tokenizer
 
-    @app.post("/v1/chat/completions", dependencies=inference)
+    @app.post("/v1/chat/completions", dependencies=generation)
     async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
         return await models.get(body.model).chat.create(body, request)
 
-    @app.post("/v1/completions", dependencies=inference)
+    @app.post("/v1/completions", dependencies=generation)
     async def create_completion(body: CompletionRequest, request: Request) -> Response:
         return await models.get(body.model).completions.create(body, request)
 

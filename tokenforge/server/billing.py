@@ -53,8 +53,9 @@ class Billing:
         if self._retries:
             await asyncio.wait(set(self._retries), timeout=timeout_s)
 
-    async def authorize(self, request: Request, scope: str) -> Principal:
-        """The request's principal, which may use `scope`; counts it against the per-minute limits."""
+    async def authorize(self, request: Request, scope: str, count: bool = False) -> Principal:
+        """The request's principal, which may use `scope`; `count`: count it against the per-minute
+        request limit now (generation routes are counted with their tokens at admission)."""
         if self.auth_required:
             principal = await asyncio.to_thread(self.plane.authenticate, bearer_key(request), scope)
         else:
@@ -62,7 +63,7 @@ class Billing:
                 self._local = await asyncio.to_thread(self.plane.local_principal)
             principal = self._local
         request.state.principal = principal
-        if scope == "inference":
+        if count:
             _remember(request, await asyncio.to_thread(self.plane.count_request, principal))
         return principal
 

@@ -136,6 +136,9 @@ class RequestGroup:
             self._counts[index] = item
             if item.finished:
                 self._num_unfinished -= 1
+                if not self._num_unfinished:
+                    # Billed before the client sees the end: a crash after it cannot lose the record.
+                    await self._settle()
             yield index, item
 
     async def close(self) -> None:
@@ -144,6 +147,9 @@ class RequestGroup:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._settle()
+
+    async def _settle(self) -> None:
         if self.meter is not None:
             status = self._status or ("ok" if self._num_unfinished == 0 else "client_closed")
             await self.meter.settle(self.usage(), status)

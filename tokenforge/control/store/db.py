@@ -7,7 +7,7 @@ where the guarded UPDATEs of limits.py are atomic row by row.
 
 import logging
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from importlib import resources
 from pathlib import Path
 
@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tokenforge.control.errors import StoreUnavailableError
 
 SQLITE_BUSY_TIMEOUT_S = 30
+READ_ONLY = "tokenforge_read_only"  # execution option of Store.reading()
 
 
 def normalise_url(url: str) -> str:
@@ -51,7 +52,9 @@ def _make_engine(url: str) -> Engine:
 
     @event.listens_for(engine, "begin")
     def on_begin(connection):
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # Readers need no write lock: they see the last commit (WAL) and never block writers.
+        read_only = connection.get_execution_options().get(READ_ONLY)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
     return engine
 
@@ -62,17 +65,25 @@ class Store:
     def __init__(self, engine: Engine):
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._readers = sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
 
-    @contextmanager
-    def transaction(self) -> Iterator[Session]:
+    def transaction(self) -> AbstractContextManager[Session]:
         """A session in one transaction: committed on success, rolled back on error. A database that
         cannot be reached (or a statement it fails on operationally) raises StoreUnavailableError."""
+        return self._begin(self._sessions)
+
+    def reading(self) -> AbstractContextManager[Session]:
+        """A transaction that only reads (on SQLite it takes no write lock)."""
+        return self._begin(self._readers)
+
+    @contextmanager
+    def _begin(self, sessions: sessionmaker) -> Iterator[Session]:
         try:
-            with self._sessions.begin() as session:
+            with sessions.begin() as session:
                 yield session
         except DBAPIError as exc:
             if exc.connection_invalidated or _is_operational(exc):
