@@ -4,7 +4,10 @@ import argparse
 import re
 from pathlib import Path
 
-from tokenforge.config import DEFAULT_MODEL, CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from tokenforge.config import (DEFAULT_MODEL, SPECULATIVE_METHODS, CacheConfig, EngineConfig, ModelConfig,
+                               SchedulerConfig, SpeculativeConfig)
+from tokenforge.errors import ConfigError
+from tokenforge.sampling_params import MAX_SPECULATIVE_TOKENS
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6, "mib": 2**20,
           "g": 1e9, "gb": 1e9, "gib": 2**30}
@@ -20,7 +23,8 @@ def parse_bytes(text: str) -> int:
 
 # The engine options, by their argparse names; `tokenforge serve`'s config file uses the same keys.
 ENGINE_OPTIONS = ("model", "dtype", "device", "load_format", "max_model_len", "kv_cache_memory", "block_size",
-                  "no_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "max_num_waiting", "cache_dir")
+                  "no_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "max_num_waiting", "cache_dir",
+                  "speculative_method", "num_speculative_tokens", "draft_model", "speculative_max_num_seqs")
 
 
 def add_engine_args(parser: argparse.ArgumentParser, *, repeat_model: bool = False) -> None:
@@ -48,6 +52,15 @@ def add_engine_args(parser: argparse.ArgumentParser, *, repeat_model: bool = Fal
                        help="queue bound; past it requests are refused (503)")
     group.add_argument("--cache-dir", type=Path, default=None,
                        help="model cache (default $TOKENFORGE_CACHE_DIR or ~/.cache/tokenforge)")
+    spec = parser.add_argument_group("speculative decoding (exact: never changes what the model would produce)")
+    spec.add_argument("--speculative-method", default=None, choices=SPECULATIVE_METHODS,
+                      help="ngram: continue n-grams seen in the prompt and output; draft: a smaller model "
+                           "with the same tokenizer (--draft-model). Default: off")
+    spec.add_argument("--num-speculative-tokens", type=int, default=SpeculativeConfig.num_speculative_tokens,
+                      help="most tokens drafted per request and step (adapted to the acceptance rate)")
+    spec.add_argument("--draft-model", default=None, help="the draft model: catalog name, .gguf file or directory")
+    spec.add_argument("--speculative-max-num-seqs", type=int, default=SpeculativeConfig.max_num_seqs,
+                      help="speculation switches off while more requests than this run")
 
 
 def engine_options_from_args(args: argparse.Namespace) -> dict:
@@ -70,7 +83,25 @@ def engine_config_from_options(options: dict) -> EngineConfig:
         scheduler=SchedulerConfig(max_num_seqs=options["max_num_seqs"],
                                   max_num_batched_tokens=options["max_num_batched_tokens"],
                                   max_num_waiting=options["max_num_waiting"]),
+        speculative=speculative_config_from_options(options),
     )
+
+
+def speculative_config_from_options(options: dict) -> SpeculativeConfig:
+    """The speculative_* options -> SpeculativeConfig; ConfigError for a combination that cannot work."""
+    method, draft_model = options.get("speculative_method"), options.get("draft_model")
+    num_tokens = options.get("num_speculative_tokens", SpeculativeConfig.num_speculative_tokens)
+    if method is not None and method not in SPECULATIVE_METHODS:
+        raise ConfigError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, got {method!r}")
+    if method == "draft" and draft_model is None:
+        raise ConfigError("--speculative-method draft needs --draft-model")
+    if draft_model is not None and method != "draft":
+        raise ConfigError("--draft-model is only used with --speculative-method draft")
+    if not 0 <= num_tokens <= MAX_SPECULATIVE_TOKENS:
+        raise ConfigError(f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], got {num_tokens}")
+    max_num_seqs = options.get("speculative_max_num_seqs", SpeculativeConfig.max_num_seqs)
+    return SpeculativeConfig(method=method, num_speculative_tokens=num_tokens, draft_model=draft_model,
+                             max_num_seqs=max_num_seqs)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

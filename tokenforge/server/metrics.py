@@ -48,6 +48,33 @@ class _EngineCollector(Collector):
         yield from families
 
 
+# Speculative decoding (engine stats spec_*, since start), only for models that speculate.
+_SPEC_GAUGES = (
+    ("tokenforge_spec_decode_num_draft_tokens", "spec_num_draft_tokens", "Draft tokens proposed, since start."),
+    ("tokenforge_spec_decode_num_accepted_tokens", "spec_num_accepted_tokens",
+     "Draft tokens the target model accepted, since start."),
+    ("tokenforge_spec_decode_acceptance_rate", "spec_acceptance_rate", "Accepted / drafted tokens, since start."),
+    ("tokenforge_spec_decode_mean_accepted_length", "spec_mean_accepted_length",
+     "Tokens per verification step (accepted drafts plus the target's own), since start."),
+)
+
+
+class _SpecDecodeCollector(Collector):
+    """Speculative-decoding gauges read from each engine core's stats at scrape time."""
+
+    def __init__(self, engines: Mapping):
+        self.engines = engines
+
+    def collect(self):
+        families = [(GaugeMetricFamily(name, doc, labels=["model"]), key) for name, key, doc in _SPEC_GAUGES]
+        for model, engine in self.engines.items():
+            stats = engine.core.stats()
+            for family, key in families:
+                if key in stats:
+                    family.add_metric([model], stats[key])
+        yield from (family for family, _ in families)
+
+
 class ServerMetrics:
     def __init__(self, engines: Mapping):
         """`engines`: served name -> AsyncEngine, for the per-model gauges."""
@@ -67,6 +94,7 @@ class ServerMetrics:
                                      "From admission to the last token of one request.",
                                      buckets=_LATENCY_BUCKETS_S, registry=self.registry)
         self.registry.register(_EngineCollector(engines))
+        self.registry.register(_SpecDecodeCollector(engines))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,124 @@
+"""SpecController: the cost model behind adaptive k, switch-off, caps, and the statistics."""
+
+from tokenforge.config import SpeculativeConfig
+from tokenforge.engine.request import Request
+from tokenforge.engine.scheduler import SampledToken, SchedulerOutput
+from tokenforge.sampling_params import SamplingParams
+from tokenforge.spec.controller import (PROBE_INTERVAL, SpecController, best_num_drafts,
+                                        expected_num_tokens)
+from tokenforge.spec.proposer import Proposal
+
+
+class FixedProposer:
+    """Proposes 9, 9, ... (as many as asked) and remembers what it was asked."""
+
+    def __init__(self, draft_cost: float = 0.0):
+        self.draft_cost = draft_cost
+        self.asked: dict[str, int] = {}
+        self.live: set[str] = set()
+
+    def propose(self, requests, num_tokens):
+        self.asked = dict(num_tokens)
+        return {r.request_id: Proposal([9] * num_tokens[r.request_id]) for r in requests}
+
+    def release(self, live_request_ids):
+        self.live = set(live_request_ids)
+
+
+def make_decoding_request(request_id: str = "r", num_output_tokens: int = 1, **params) -> Request:
+    """A running request whose tokens are all computed but its last (it is decoding)."""
+    params.setdefault("max_tokens", 100)
+    request = Request(request_id, [1, 2, 3], SamplingParams(**params))
+    request.output_token_ids = [5] * num_output_tokens
+    request.num_computed_tokens = request.num_tokens - 1
+    return request
+
+
+def make_controller(proposer=None, **config) -> SpecController:
+    config.setdefault("method", "ngram")
+    return SpecController(SpeculativeConfig(**config), proposer or FixedProposer(), max_model_len=1000)
+
+
+def test_expected_tokens_per_verification():
+    assert expected_num_tokens(0.5, 0) == 1.0
+    assert expected_num_tokens(0.5, 2) == 1.75
+    assert expected_num_tokens(1.0, 4) == 5.0
+
+
+def test_best_k_grows_with_acceptance_and_falls_with_draft_cost():
+    assert best_num_drafts(0.95, 4, draft_cost=0.0) == 4
+    assert best_num_drafts(0.05, 4, draft_cost=0.0) == 0
+    assert best_num_drafts(0.6, 4, draft_cost=1.0) == 0  # a draft as costly as the target never pays
+    assert 0 < best_num_drafts(0.6, 8, draft_cost=0.1) < best_num_drafts(0.9, 8, draft_cost=0.1)
+
+
+def test_proposals_land_on_the_requests():
+    controller = make_controller(adaptive=False, num_speculative_tokens=3)
+    request = make_decoding_request()
+    controller.propose([request])
+    assert request.spec_token_ids == [9, 9, 9]
+
+
+def test_switches_off_above_max_num_seqs():
+    proposer = FixedProposer()
+    controller = make_controller(proposer, adaptive=False, max_num_seqs=2)
+    requests = [make_decoding_request(f"r{i}") for i in range(3)]
+    controller.propose(requests)
+    assert all(r.spec_token_ids == [] for r in requests)
+    controller.propose(requests[:2])
+    assert proposer.asked == {"r0": 4, "r1": 4}
+
+
+def test_caps_per_request_and_by_max_tokens_and_context():
+    proposer = FixedProposer()
+    controller = make_controller(proposer, adaptive=False, num_speculative_tokens=4, max_num_seqs=16)
+    capped = make_decoding_request("capped", num_speculative_tokens=2)
+    off = make_decoding_request("off", num_speculative_tokens=0)
+    near_end = make_decoding_request("near_end", num_output_tokens=7, max_tokens=9)  # one token left after the next
+    penalised = make_decoding_request("penalised", presence_penalty=0.5)
+    logprobs = make_decoding_request("logprobs", logprobs=1)
+    owing = make_decoding_request("owing", min_tokens=5)
+    prefilling = make_decoding_request("prefilling")
+    prefilling.num_computed_tokens = 1
+    controller.propose([capped, off, near_end, penalised, logprobs, owing, prefilling])
+    assert proposer.asked == {"capped": 2, "near_end": 1}
+    controller.max_model_len = 5  # 4 tokens held: one more position fits
+    controller.propose([make_decoding_request("ctx")])
+    assert proposer.asked == {"ctx": 1}
+
+
+def test_record_counts_and_learns_acceptance():
+    controller = make_controller()
+    output = SchedulerOutput(spec_token_ids={"a": [9, 9, 9, 9], "b": [9, 9]})
+    sampled = {"a": [SampledToken(9), SampledToken(4)], "b": [SampledToken(9), SampledToken(9), SampledToken(3)]}
+    controller.record(output, sampled)
+    stats = controller.stats_dict()
+    assert stats["spec_num_drafts"] == 2
+    assert stats["spec_num_draft_tokens"] == 6
+    assert stats["spec_num_accepted_tokens"] == 3
+    assert stats["spec_acceptance_rate"] == 0.5
+    assert stats["spec_mean_accepted_length"] == 2.5  # (3 accepted + 2 target tokens) / 2 steps
+    assert controller.acceptance["b"] > controller.acceptance["a"]
+
+
+def test_adaptive_switch_off_then_probe():
+    proposer = FixedProposer()
+    controller = make_controller(proposer, num_speculative_tokens=4)
+    request = make_decoding_request("r")
+    controller.acceptance["r"] = 0.02  # drafts keep failing
+    for _ in range(PROBE_INTERVAL - 1):
+        proposer.asked = {}
+        controller.propose([request])
+        assert proposer.asked == {}
+    controller.propose([request])
+    assert proposer.asked == {"r": 1}  # one probe
+    assert controller.acceptance["r"] > 0.02
+
+
+def test_finished_requests_are_forgotten():
+    proposer = FixedProposer()
+    controller = make_controller(proposer)
+    controller.acceptance["gone"] = 0.5
+    controller.propose([make_decoding_request("r")])
+    assert "gone" not in controller.acceptance
+    assert proposer.live == {"r"}
