@@ -11,7 +11,7 @@ import sys
 
 from tokenforge.errors import TokenforgeError
 
-COMMAND_MODULES = ("pull", "models", "chat", "generate", "serve", "keys", "orgs", "usage", "invoices")
+COMMAND_MODULES = ("pull", "models", "chat", "generate", "serve", "bench", "keys", "orgs", "usage", "invoices")
 
 
 def build_parser() -> argparse.ArgumentParser:
