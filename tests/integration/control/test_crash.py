@@ -4,12 +4,7 @@ usage record and that the reservations the dead server held expired (released at
 """
 
 import json
-import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -19,66 +14,27 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from tests import serve_process
 from tests.integration.control.conftest import MODEL, write_pricing
+from tests.serve_process import ServeProcess
 from tests.store_helpers import BACKENDS, fresh_database_url
 from tokenforge.control.store.db import open_store
 from tokenforge.control.store.models import AuditEvent, Budget, DailyUsage, Reservation, UsageRecord
 
-TOKENFORGE = Path(sys.executable).with_name("tokenforge")
 RESERVATION_TTL_S = 3
 NUM_SETTLED = 3  # two plain requests and one stream, all run to the end before the kill
 NUM_KILLED = 6  # streams in flight when the server dies
 NUM_CHUNKS_BEFORE_KILL = 3
 KILLED_MAX_TOKENS = 400  # with ignore_eos: far from done when the kill comes
-START_TIMEOUT_S = 120
 REQUEST_TIMEOUT_S = 60
 KEY_RE = re.compile(r"(tf_[0-9a-f]{12}[A-Za-z0-9_-]{43})(?![A-Za-z0-9_-])")
 
 
-@dataclass
-class ServeProcess:
-    """A `tokenforge serve` subprocess in its own process group, its output in a file."""
-
-    process: subprocess.Popen
-    base_url: str
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        self.process.wait(30)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_serve(url: str, pricing: Path, log_path: Path) -> ServeProcess:
-    """Starts the server on `url` and returns once /health answers 200."""
-    port = free_port()
-    env = {**os.environ, "TOKENFORGE_RESERVATION_TTL_S": str(RESERVATION_TTL_S), "COLUMNS": "200",
-           "PYTHONUNBUFFERED": "1"}
-    command = [str(TOKENFORGE), "serve", "--port", str(port), "--auth", "on", "--database-url", url,
-               "--pricing", str(pricing), "--kv-cache-memory", "256MiB", "--device", "cpu", "--dtype", "float32",
-               "--log-level", "warning"]
-    with log_path.open("w") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    serve = ServeProcess(process, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{serve.base_url}/health", timeout=2).status_code == 200:
-                return serve
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    serve.kill()
-    raise RuntimeError(f"tokenforge serve did not become healthy:\n{serve.log()[-3000:]}")
+    """The server with auth on, over the store at `url`, with short-lived reservations."""
+    return serve_process.start_serve(["--auth", "on", "--database-url", url, "--pricing", str(pricing),
+                                      "--log-level", "warning"], log_path,
+                                     {"TOKENFORGE_RESERVATION_TTL_S": str(RESERVATION_TTL_S)})
 
 
 def chat_body(max_tokens: int, stream: bool) -> dict:

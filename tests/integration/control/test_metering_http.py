@@ -5,7 +5,6 @@ streams, n > 1, several prompts and a client that leaves mid-stream; nothing for
 import json
 import time
 
-import httpx
 import pytest
 from sqlalchemy import select
 
