@@ -17,8 +17,9 @@ if TYPE_CHECKING:
     from tokenforge.engine.request import Request
     from tokenforge.engine.scheduler import SampledToken, SchedulerOutput
 
-# Extra cost of verifying one more token in a step, in decode steps (small: a decode step
-# reads every weight once whatever the number of tokens; measured on CPU at batch 1).
+# Extra cost of verifying one more token in a step, in decode steps. An estimate, not a
+# measurement: a small-batch decode step is bound by reading every weight once, whatever the
+# number of tokens, so a few more tokens cost little.
 VERIFY_COST = 0.1
 PRIOR_ACCEPTANCE = 0.7  # a request's estimate before its first verification
 EMA_WEIGHT = 0.2  # weight of each new accept/reject outcome in the estimate
