@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from tokenforge.control import audit, invoices, keys, organizations, usage
 from tokenforge.control.errors import NotFoundError, PermissionDeniedError
@@ -17,8 +17,23 @@ from tokenforge.control.keys import Principal
 from tokenforge.server.billing import Billing
 
 
+MAX_STORED_INT = 2**63 - 1  # the store's integers are 64-bit (SQLite INTEGER, PostgreSQL BIGINT)
+
+
 class AdminRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*")
+    @classmethod
+    def storable_text(cls, value):
+        """Strings reach the store, which holds only Unicode text: a lone surrogate (JSON's "\\ud800")
+        is a 400 here rather than an encoding error there."""
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("must be valid Unicode text (it has a lone surrogate)") from None
+        return value
 
 
 class CreateOrganizationRequest(AdminRequest):
@@ -26,7 +41,7 @@ class CreateOrganizationRequest(AdminRequest):
 
 
 class UpdateOrganizationRequest(AdminRequest):
-    monthly_limit_micros: int | None = Field(default=None, ge=0)
+    monthly_limit_micros: int | None = Field(default=None, ge=0, le=MAX_STORED_INT)
     use_tier_limit: bool = False  # drop a custom limit: back to the tier's
 
 
@@ -41,6 +56,14 @@ class CloseMonthRequest(AdminRequest):
     month: str = Field(pattern=r"^\d{4}-\d{2}$")
     organization: str | None = None  # None: every organisation with usage that month
     include_current: bool = False  # close the month that is still running (its later usage is not on it)
+
+    @field_validator("month")
+    @classmethod
+    def month_with_bounds(cls, value: str) -> str:
+        """A month whose first and next month's first day are dates (9999-12 ends in the year 10000)."""
+        if not "0001-01" <= value <= "9999-11":
+            raise ValueError("must be a month from 0001-01 to 9999-11")
+        return value
 
 
 def make_admin_router(billing: Billing) -> APIRouter:

@@ -25,6 +25,7 @@ from tokenforge.server.protocol import (ChatCompletionRequest, CompletionRequest
                                         ModelList, TokenizeRequest)
 from tokenforge.server.served_models import ServedModel, ServedModels
 from tokenforge.server.serving_chat import apply_chat_template
+from tokenforge.server.serving_completions import encode_text
 
 
 def create_app(engines: Mapping[str, AsyncEngine], *, owns_engines: bool = False,
@@ -99,7 +100,7 @@ def create_app(engines: Mapping[str, AsyncEngine], *, owns_engines: bool = False
             token_ids = await asyncio.to_thread(apply_chat_template, tokenizer, body.messages,
                                                 body.add_generation_prompt)
         else:
-            token_ids = await asyncio.to_thread(tokenizer.encode, body.prompt,
+            token_ids = await asyncio.to_thread(encode_text, tokenizer, body.prompt,
                                                 add_special_tokens=body.add_special_tokens)
         return {"count": len(token_ids), "max_model_len": model.engine.core.max_model_len, "tokens": token_ids}
 

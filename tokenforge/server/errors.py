@@ -28,9 +28,9 @@ class APIError(Exception):
                  param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status_code = status_code
-        self.message = message
+        self.message = _encodable(message)
         self.type = type
-        self.param = param
+        self.param = None if param is None else _encodable(param)
         self.code = code
         self.headers = headers
 
@@ -39,6 +39,12 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+
+
+def _encodable(text: str) -> str:
+    """`text` with what UTF-8 cannot encode (a lone surrogate, which JSON's "\\ud800" lets a client
+    send and an error message may echo) replaced by "?", so that the error response can be sent."""
+    return text.encode("utf-8", "replace").decode("utf-8")
 
 
 def model_not_found(model: str) -> APIError:
@@ -127,7 +133,8 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else json.dumps(exc.detail)
         if exc.status_code == 404:
             message = f"Unknown request URL: {request.method} {request.url.path}."
-        return APIError(exc.status_code, message, type=kind, headers=exc.headers).response()
+        code = "request_too_large" if exc.status_code == 413 else None
+        return APIError(exc.status_code, message, type=kind, code=code, headers=exc.headers).response()
 
     async def on_tokenforge(request: Request, exc: Exception) -> JSONResponse:
         return to_api_error(exc).response()

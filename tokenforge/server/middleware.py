@@ -7,6 +7,7 @@ Pure ASGI rather than BaseHTTPMiddleware, which would buffer streams and hide di
 import logging
 import uuid
 
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tokenforge.server.errors import APIError
@@ -22,8 +23,12 @@ KNOWN_ENDPOINTS = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/mod
                              "/v1/audit"})
 
 
-class BodyTooLargeError(Exception):
-    pass
+class BodyTooLargeError(StarletteHTTPException):
+    """A body that grows past the bound while it streams in (no content-length). An HTTPException,
+    so that FastAPI's body parsing passes it on as a 413 rather than making it a 400."""
+
+    def __init__(self, max_body_bytes: int):
+        super().__init__(413, f"The request body is over {max_body_bytes} bytes, the most this server takes.")
 
 
 def pick_request_id(headers: list[tuple[bytes, bytes]]) -> str:
@@ -99,7 +104,7 @@ class RequestContextMiddleware:
             if message["type"] == "http.request":
                 num_body_bytes += len(message.get("body", b""))
                 if num_body_bytes > self.max_body_bytes:
-                    raise BodyTooLargeError()
+                    raise BodyTooLargeError(self.max_body_bytes)
             return message
 
         if self.lifecycle.draining and path != "/metrics":

@@ -34,6 +34,17 @@ def split_prompts(prompt: str | list) -> list[str | list[int]]:
     return list(prompt)
 
 
+def encode_text(tokenizer, text: str, **options) -> list[int]:
+    """The token ids of a prompt string; 400 for one with a lone surrogate (JSON's "\\ud800" escapes
+    allow it), which is no Unicode text a tokenizer can take."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequestError("the prompt is not valid Unicode text (it has a lone surrogate)",
+                                  param="prompt") from None
+    return tokenizer.encode(text, **options)
+
+
 def encode_prompts(tokenizer, prompts: list[str | list[int]], echo: bool, vocab_size: int) -> list[Prompt]:
     """Token ids (and the text to echo) of each prompt; token ids are range-checked first."""
     encoded = []
@@ -41,7 +52,7 @@ def encode_prompts(tokenizer, prompts: list[str | list[int]], echo: bool, vocab_
         if isinstance(prompt, str):
             if tokenizer is None:
                 raise InvalidRequestError("this model has no tokenizer: send token ids", param="prompt")
-            encoded.append(Prompt(tokenizer.encode(prompt), prompt))
+            encoded.append(Prompt(encode_text(tokenizer, prompt), prompt))
         else:
             if any(not 0 <= t < vocab_size for t in prompt):
                 raise InvalidRequestError(f"prompt token ids must be in [0, {vocab_size})", param="prompt")
