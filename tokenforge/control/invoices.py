@@ -70,8 +70,12 @@ def month_bounds(month: str) -> tuple[datetime, datetime]:
     if match is None:
         raise InvalidRequestError(f"month must read YYYY-MM, e.g. 2025-01, got {month!r}", param="month")
     year, num = int(match.group(1)), int(match.group(2))
-    start = datetime(year, num, 1, tzinfo=UTC)
-    end = datetime(year + num // 12, num % 12 + 1, 1, tzinfo=UTC)
+    try:
+        start = datetime(year, num, 1, tzinfo=UTC)
+        end = datetime(year + num // 12, num % 12 + 1, 1, tzinfo=UTC)
+    except ValueError:  # month 00 or 13+, year 0000, or 9999-12 (which ends in the year 10000)
+        raise InvalidRequestError(f"month must be a calendar month from 0001-01 to 9999-11, got {month!r}",
+                                  param="month") from None
     return start, end
 
 
