@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,13 +50,20 @@ def start_serve(args: list[str], log_path: Path, env: dict[str, str] | None = No
     with log_path.open("w") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
     serve = ServeProcess(process, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if httpx.get(f"{serve.base_url}/health", timeout=2).status_code == 200:
-                return serve
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
+    if wait_healthy(serve.base_url, START_TIMEOUT_S, lambda: process.poll() is None):
+        return serve
     serve.kill()
     raise RuntimeError(f"tokenforge serve did not become healthy:\n{serve.log()[-3000:]}")
+
+
+def wait_healthy(base_url: str, timeout_s: float, is_alive: Callable[[], bool] = lambda: True) -> bool:
+    """True once GET /health answers 200; False after `timeout_s` or once `is_alive()` turns false."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and is_alive():
+        try:
+            if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                return True
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    return False

@@ -12,6 +12,7 @@ import pytest
 import uvicorn
 
 from tests.integration.helpers import make_engine_core
+from tests.serve_process import wait_healthy
 from tokenforge.config import DEFAULT_MODEL
 from tokenforge.engine.async_engine import AsyncEngine
 from tokenforge.engine.engine_core import EngineCore
@@ -58,14 +59,8 @@ def make_server(loaded, names: tuple[str, ...] = (MODEL,), control=None, auth_re
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=f"uvicorn-{port}", daemon=True)
     thread.start()
     running = RunningServer(f"http://127.0.0.1:{port}", cores, engines, server, thread)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{running.base_url}/health", timeout=1).status_code == 200:
-                return running
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
+    if wait_healthy(running.base_url, 30):
+        return running
     running.stop()
     raise RuntimeError("the test server did not become healthy")
 
