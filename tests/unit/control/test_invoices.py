@@ -5,16 +5,16 @@ paying once (the tier moves), and the text and CSV renderings."""
 import csv
 import io
 import json
-import uuid
 from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import func, select
 
-from tokenforge.control import audit, invoices, limits, metering, organizations
+from tests.unit.control.helpers import make_org, spend
+from tokenforge.control import audit, invoices, organizations
 from tokenforge.control.errors import NotFoundError
 from tokenforge.control.invoices import LineInfo
-from tokenforge.control.metering import MeteredRequest, Usage
+from tokenforge.control.metering import Usage
 from tokenforge.control.pricing import Price
 from tokenforge.control.store.models import Organization, UsageRecord
 from tokenforge.control.tiers import Tier, TierLadder
@@ -30,22 +30,6 @@ LADDER = TierLadder((Tier(1, "tier-1", 0, 50 * DOLLAR, 600, 1_000_000),
 AFTER = datetime(2025, 3, 5, 12, 0, tzinfo=UTC)  # "now" when January and February have ended
 
 
-def make_org(store, name: str) -> str:
-    with store.transaction() as db:
-        return organizations.create_org(db, name, audit.CLI, LADDER).id
-
-
-def spend(store, org_id: str, model: str, price: Price, used: Usage, now: datetime) -> int:
-    """One request as the server meters it: reserve the worst case, then write the usage (settle)."""
-    request_id = f"req-{uuid.uuid4().hex}"
-    with store.transaction() as db:
-        worst = price.worst_case_micros(used.num_prompt_tokens, used.num_completion_tokens)
-        month = limits.reserve(db, org_id, request_id, worst, None, ttl_s=900, now=now)
-        req = MeteredRequest(request_id=request_id, org_id=org_id, key_id=None, model=model, endpoint="chat",
-                             price=price, month=month, started_at=now - timedelta(seconds=1))
-        return metering.write_usage(db, req, used, "ok", now=now)
-
-
 def close(store, org_id: str, month: str, now: datetime = AFTER, **kwargs) -> invoices.InvoiceInfo:
     with store.transaction() as db:
         return invoices.close_month(db, org_id, month, audit.CLI, now, **kwargs)
@@ -54,7 +38,7 @@ def close(store, org_id: str, month: str, now: datetime = AFTER, **kwargs) -> in
 @pytest.fixture
 def january(store):
     """acme's January: two models, one of them at two prices, records on the month's edges."""
-    acme = make_org(store, "acme")
+    acme = make_org(store, "acme", LADDER)
     jan = datetime(2025, 1, 10, 8, 0, tzinfo=UTC)
     # 800 uncached x 0.10 + 200 cached x 0.05 + 500 out x 0.20 = 80 + 10 + 100 = 190 micros
     assert spend(store, acme, "small", SMALL, Usage(1000, 200, 500), jan) == 190
@@ -129,7 +113,7 @@ def test_a_concurrent_close_keeps_the_first_invoice(january, monkeypatch):
 
 
 def test_an_org_without_usage_gets_an_empty_invoice(store):
-    idle = make_org(store, "idle")
+    idle = make_org(store, "idle", LADDER)
     invoice = close(store, idle, "2025-01")
     assert (invoice.lines, invoice.total_micros) == ((), 0)
     with store.transaction() as db:
@@ -156,7 +140,7 @@ def test_the_current_month_only_when_allowed(january):
 
 def test_close_all_covers_the_orgs_with_usage(january):
     store, acme = january
-    beta, idle = make_org(store, "beta"), make_org(store, "idle")
+    beta, idle = make_org(store, "beta", LADDER), make_org(store, "idle", LADDER)
     spend(store, beta, "small", SMALL, Usage(10_000, 0, 0), datetime(2025, 1, 3, tzinfo=UTC))  # 1000 micros
     with store.transaction() as db:
         closed = invoices.close_all(db, "2025-01", audit.CLI, AFTER)
@@ -184,7 +168,7 @@ def test_paying_moves_the_tier_once(january):
 
 
 def test_paying_below_the_threshold_keeps_the_tier(store):
-    acme = make_org(store, "acme")
+    acme = make_org(store, "acme", LADDER)
     spend(store, acme, "small", SMALL, Usage(1000, 0, 0), datetime(2025, 1, 3, tzinfo=UTC))  # 100 micros
     invoice = close(store, acme, "2025-01")
     with store.transaction() as db:
@@ -195,7 +179,7 @@ def test_paying_below_the_threshold_keeps_the_tier(store):
 
 def test_another_orgs_invoice_is_not_found(january):
     store, acme = january
-    beta = make_org(store, "beta")
+    beta = make_org(store, "beta", LADDER)
     invoice = close(store, acme, "2025-01")
     with store.transaction() as db:
         with pytest.raises(NotFoundError):

@@ -11,18 +11,11 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from tokenforge.control import audit, keys, organizations
+from tests.unit.control.helpers import make_org
+from tokenforge.control import audit, keys
 from tokenforge.control.errors import AuthenticationError, NotFoundError
 from tokenforge.control.store.models import ApiKey, AuditEvent
-from tokenforge.control.tiers import TierLadder
 from tokenforge.errors import InvalidRequestError
-
-LADDER = TierLadder.default()
-
-
-def make_org(store, name: str) -> str:
-    with store.transaction() as db:
-        return organizations.create_org(db, name, audit.CLI, LADDER).id
 
 
 def make_key(store, org_id: str, actor: str = audit.CLI, **kwargs) -> tuple[keys.KeyInfo, str]:

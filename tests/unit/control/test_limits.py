@@ -10,20 +10,15 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import select
 
-from tokenforge.control import audit, limits, metering, organizations
+from tests.unit.control.helpers import make_org
+from tokenforge.control import audit, limits, metering
 from tokenforge.control.errors import QuotaExceededError
 from tokenforge.control.metering import MeteredRequest, Usage
 from tokenforge.control.pricing import Price
 from tokenforge.control.store.models import Budget, Reservation, UsageRecord
-from tokenforge.control.tiers import TierLadder
 
 SMALL = Price(input_micros=100_000, cached_input_micros=50_000, output_micros=200_000)  # $0.10/0.05/0.20 per 1M
 NOW = datetime(2025, 1, 15, 12, 0, tzinfo=UTC)
-
-
-def make_org(store, name: str) -> str:
-    with store.transaction() as db:
-        return organizations.create_org(db, name, audit.CLI, TierLadder.default()).id
 
 
 def reserve(store, org_id: str, request_id: str, amount_micros: int, limit_micros: int | None,
@@ -32,7 +27,7 @@ def reserve(store, org_id: str, request_id: str, amount_micros: int, limit_micro
         return limits.reserve(db, org_id, request_id, amount_micros, limit_micros, ttl_s, now)
 
 
-def spend(store, org_id: str, cost_micros: int, limit_micros: int | None, now: datetime = NOW) -> None:
+def reserve_and_settle(store, org_id: str, cost_micros: int, limit_micros: int | None, now: datetime = NOW) -> None:
     """One request whose worst case is its real cost: reserve it, then settle it."""
     request_id = f"req-{uuid.uuid4().hex}"
     month = reserve(store, org_id, request_id, cost_micros, limit_micros, now)
@@ -144,23 +139,23 @@ def test_spend_alerts_once_per_threshold(store):
             return [(e.detail["percent"], e.detail["spent_micros"], e.detail["limit_micros"])
                     for e in audit.list_events(db, org_id, "budget.alert")]
 
-    spend(store, acme, 499, 1_000)  # 49%
+    reserve_and_settle(store, acme, 499, 1_000)  # 49%
     assert alerts(acme) == []
-    spend(store, acme, 1, 1_000)  # 50%
+    reserve_and_settle(store, acme, 1, 1_000)  # 50%
     assert alerts(acme) == [(50, 500, 1_000)]
-    spend(store, acme, 100, 1_000)  # 60%
-    spend(store, acme, 200, 1_000)  # 80%
+    reserve_and_settle(store, acme, 100, 1_000)  # 60%
+    reserve_and_settle(store, acme, 200, 1_000)  # 80%
     assert alerts(acme) == [(50, 500, 1_000), (75, 800, 1_000)]
-    spend(store, acme, 50, 1_000)  # 85%
-    spend(store, acme, 100, 1_000)  # 95%
-    spend(store, acme, 50, 1_000)  # 100%
+    reserve_and_settle(store, acme, 50, 1_000)  # 85%
+    reserve_and_settle(store, acme, 100, 1_000)  # 95%
+    reserve_and_settle(store, acme, 50, 1_000)  # 100%
     assert alerts(acme) == [(50, 500, 1_000), (75, 800, 1_000), (90, 950, 1_000)]
     assert budget(store, acme) == (1_000, 1_000, 0)
     # 0% to 80% in one request crosses 50 and 75: only 75 is written, and 50 never afterwards.
-    spend(store, globex, 800, 1_000)
-    spend(store, globex, 10, 1_000)
+    reserve_and_settle(store, globex, 800, 1_000)
+    reserve_and_settle(store, globex, 10, 1_000)
     assert alerts(globex) == [(75, 800, 1_000)]
-    spend(store, globex, 90, 1_000)  # 90%
+    reserve_and_settle(store, globex, 90, 1_000)  # 90%
     assert alerts(globex) == [(75, 800, 1_000), (90, 900, 1_000)]
     with store.transaction() as db:
         assert {e.actor for e in audit.list_events(db, action="budget.alert")} == {"system"}

@@ -3,7 +3,6 @@ cost, the daily roll-up per organisation, UTC day and model, a second write of t
 counting nothing, statuses, and 20 threads writing the same request at once."""
 
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 
@@ -11,40 +10,23 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from tokenforge.control import audit, limits, metering, organizations
+from tests.unit.control.helpers import admit, make_org, spend
+from tokenforge.control import metering
 from tokenforge.control.metering import MeteredRequest, Usage
 from tokenforge.control.pricing import Price
 from tokenforge.control.store.models import Budget, DailyUsage, Reservation, UsageRecord
-from tokenforge.control.tiers import TierLadder
 
 SMALL = Price(input_micros=100_000, cached_input_micros=50_000, output_micros=200_000)  # $0.10/0.05/0.20 per 1M
 BIG = Price(input_micros=900_000, cached_input_micros=450_000, output_micros=900_000)
 NOW = datetime(2025, 3, 14, 10, 0, tzinfo=UTC)
 LIMIT = 1_000_000
-
-
-def make_org(store, name: str) -> str:
-    with store.transaction() as db:
-        return organizations.create_org(db, name, audit.CLI, TierLadder.default()).id
+ADMISSION = {"limit_micros": LIMIT, "key_id": "key_1", "started_s_ago": 1.5}
 
 
 def make_metered(store, org_id: str, model: str, price: Price, used: Usage, now: datetime,
                  request_id: str | None = None) -> MeteredRequest:
     """A request admitted as the server admits it: its worst case reserved, started a second and a half ago."""
-    request_id = request_id or f"req-{uuid.uuid4().hex}"
-    with store.transaction() as db:
-        worst = price.worst_case_micros(used.num_prompt_tokens, used.num_completion_tokens)
-        month = limits.reserve(db, org_id, request_id, worst, LIMIT, ttl_s=900, now=now)
-    return MeteredRequest(request_id=request_id, org_id=org_id, key_id="key_1", model=model, endpoint="chat",
-                          price=price, month=month, started_at=now - timedelta(seconds=1.5))
-
-
-def spend(store, org_id: str, model: str, price: Price, used: Usage, now: datetime,
-          status: str = "ok") -> int | None:
-    """One request as the server meters it: reserve the worst case, then write the usage (settle)."""
-    req = make_metered(store, org_id, model, price, used, now)
-    with store.transaction() as db:
-        return metering.write_usage(db, req, used, status, now=now)
+    return admit(store, org_id, model, price, used, now, **ADMISSION, request_id=request_id)
 
 
 def spent_and_reserved(store, org_id: str, month: str = "2025-03") -> tuple[int, int]:
@@ -84,16 +66,16 @@ def test_one_record_with_its_prices_and_cost(store):
 def test_daily_roll_up_per_org_day_and_model(store):
     acme, globex = make_org(store, "acme"), make_org(store, "globex")
     day_end = datetime(2025, 3, 14, 23, 59, 59, tzinfo=UTC)
-    assert spend(store, acme, "small", SMALL, Usage(1_000, 200, 500), NOW) == 190
+    assert spend(store, acme, "small", SMALL, Usage(1_000, 200, 500), NOW, **ADMISSION) == 190
     # 3 x 0.10 + 1 x 0.20 = 0.5 micros, rounded up to 1
-    assert spend(store, acme, "small", SMALL, Usage(3, 0, 1), NOW + timedelta(hours=1)) == 1
-    assert spend(store, acme, "small", SMALL, Usage(2_000, 0, 0), day_end) == 200
+    assert spend(store, acme, "small", SMALL, Usage(3, 0, 1), NOW + timedelta(hours=1), **ADMISSION) == 1
+    assert spend(store, acme, "small", SMALL, Usage(2_000, 0, 0), day_end, **ADMISSION) == 200
     # 1000 x 0.90 + 1000 x 0.90 = 1800 micros: another model, its own row
-    assert spend(store, acme, "big", BIG, Usage(1_000, 0, 1_000), NOW) == 1_800
+    assert spend(store, acme, "big", BIG, Usage(1_000, 0, 1_000), NOW, **ADMISSION) == 1_800
     # 10 x 0.10 + 10 x 0.20 = 3 micros, on the next UTC day (midnight)
-    assert spend(store, acme, "small", SMALL, Usage(10, 0, 10), day_end + timedelta(seconds=1)) == 3
+    assert spend(store, acme, "small", SMALL, Usage(10, 0, 10), day_end + timedelta(seconds=1), **ADMISSION) == 3
     # 100 x 0.10 = 10 micros: another organisation
-    assert spend(store, globex, "small", SMALL, Usage(100, 0, 0), NOW) == 10
+    assert spend(store, globex, "small", SMALL, Usage(100, 0, 0), NOW, **ADMISSION) == 10
     assert daily(store, acme) == [
         (date(2025, 3, 14), "big", 1, 1_000, 0, 1_000, 1_800),
         (date(2025, 3, 14), "small", 3, 3_003, 200, 501, 190 + 1 + 200),
@@ -128,7 +110,7 @@ def test_statuses(store):
         assert db.scalars(select(UsageRecord)).all() == []
     assert spent_and_reserved(store, acme) == (0, 1)  # still held
     for status in ("ok", "client_closed", "error", "refused"):
-        assert spend(store, acme, "small", SMALL, Usage(10, 0, 0), NOW, status) == 1
+        assert spend(store, acme, "small", SMALL, Usage(10, 0, 0), NOW, status, **ADMISSION) == 1
     with store.transaction() as db:
         assert sorted(db.scalars(select(UsageRecord.status))) == ["client_closed", "error", "ok", "refused"]
 

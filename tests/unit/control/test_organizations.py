@@ -2,15 +2,15 @@
 organisations made once, an admin's custom limit, payments climbing the tier ladder, and deleting one
 organisation's data while invoices, the audit log and other organisations stay."""
 
-import uuid
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import func, select
 
-from tokenforge.control import audit, invoices, keys, limits, metering, organizations
+from tests.unit.control.helpers import make_org, spend
+from tokenforge.control import audit, invoices, keys, limits, organizations
 from tokenforge.control.errors import NotFoundError
-from tokenforge.control.metering import MeteredRequest, Usage
+from tokenforge.control.metering import Usage
 from tokenforge.control.pricing import Price
 from tokenforge.control.rate_limits import Allowance, StoreRateLimiter
 from tokenforge.control.store.models import (ApiKey, AuditEvent, Budget, DailyUsage, Invoice, Organization,
@@ -24,11 +24,6 @@ SMALL = Price(input_micros=100_000, cached_input_micros=50_000, output_micros=20
 JANUARY = datetime(2025, 1, 10, 8, 0, tzinfo=UTC)
 
 
-def make_org(store, name: str) -> str:
-    with store.transaction() as db:
-        return organizations.create_org(db, name, audit.CLI, LADDER).id
-
-
 def this_month() -> str:
     return limits.month_of(datetime.now(UTC))
 
@@ -36,17 +31,6 @@ def this_month() -> str:
 def budget_limit(store, org_id: str) -> int | None:
     with store.transaction() as db:
         return db.get(Budget, (org_id, this_month())).limit_micros
-
-
-def spend(store, org_id: str, used: Usage, now: datetime) -> int:
-    """One request as the server meters it: reserve the worst case, then write the usage (settle)."""
-    request_id = f"req-{uuid.uuid4().hex}"
-    with store.transaction() as db:
-        worst = SMALL.worst_case_micros(used.num_prompt_tokens, used.num_completion_tokens)
-        month = limits.reserve(db, org_id, request_id, worst, None, ttl_s=900, now=now)
-        req = MeteredRequest(request_id=request_id, org_id=org_id, key_id=None, model="small", endpoint="chat",
-                             price=SMALL, month=month, started_at=now - timedelta(seconds=1))
-        return metering.write_usage(db, req, used, "ok", now=now)
 
 
 def test_create_with_a_unique_name(store):
@@ -146,7 +130,7 @@ def test_delete_org_data_removes_one_orgs_data_and_keeps_invoices_and_audit(stor
         with store.transaction() as db:
             key_ids[name] = keys.create_key(db, org_id, audit.CLI)[0].id
         limiter.hit([Allowance(f"org:{org_id}", 100, 10_000), Allowance(f"key:{key_ids[name]}", 100, 10_000)], 1, 10)
-        spend(store, org_id, Usage(1_000, 0, 0), JANUARY)  # 100 micros
+        spend(store, org_id, "small", SMALL, Usage(1_000, 0, 0), JANUARY)  # 100 micros
         with store.transaction() as db:
             limits.reserve(db, org_id, f"in-flight-{name}", 50, None, ttl_s=900, now=JANUARY)
             invoices.close_month(db, org_id, "2025-01", audit.CLI)

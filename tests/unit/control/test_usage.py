@@ -3,36 +3,19 @@ totals, CSV; the date-range parser and dollar formatting."""
 
 import csv
 import io
-import uuid
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
-from tokenforge.control import audit, limits, metering, organizations, usage
-from tokenforge.control.metering import MeteredRequest, Usage
+from tests.unit.control.helpers import make_org, spend
+from tokenforge.control import usage
+from tokenforge.control.metering import Usage
 from tokenforge.control.pricing import Price
-from tokenforge.control.tiers import TierLadder
 from tokenforge.errors import InvalidRequestError
 
 SMALL = Price(input_micros=100_000, cached_input_micros=50_000, output_micros=200_000)  # $0.10/0.05/0.20 per 1M
 BIG = Price(input_micros=900_000, cached_input_micros=450_000, output_micros=900_000)
 TODAY = date(2025, 3, 14)
-
-
-def make_org(store, name: str) -> str:
-    with store.transaction() as db:
-        return organizations.create_org(db, name, audit.CLI, TierLadder.default()).id
-
-
-def spend(store, org_id: str, model: str, price: Price, used: Usage, now: datetime) -> int:
-    """One request as the server meters it: reserve the worst case, then write the usage (settle)."""
-    request_id = f"req-{uuid.uuid4().hex}"
-    with store.transaction() as db:
-        worst = price.worst_case_micros(used.num_prompt_tokens, used.num_completion_tokens)
-        month = limits.reserve(db, org_id, request_id, worst, None, ttl_s=900, now=now)
-        req = MeteredRequest(request_id=request_id, org_id=org_id, key_id=None, model=model, endpoint="chat",
-                             price=price, month=month, started_at=now - timedelta(seconds=1))
-        return metering.write_usage(db, req, used, "ok", now=now)
 
 
 @pytest.fixture
