@@ -49,13 +49,16 @@ def reserve(db: Session, org_id: str, request_id: str, amount_micros: int, limit
     QuotaExceededError (429 insufficient_quota) when it does not fit."""
     now = now or datetime.now(UTC)
     month = month_of(now)
-    release_expired(db, now, org_id)
-    ensure_budget(db, org_id, month, limit_micros)
     fits = (Budget.limit_micros.is_(None)
             | (Budget.spent_micros + Budget.reserved_micros + amount_micros <= Budget.limit_micros))
-    result = db.execute(update(Budget).where(Budget.org_id == org_id, Budget.month == month, fits)
-                        .values(reserved_micros=Budget.reserved_micros + amount_micros))
-    if result.rowcount != 1:
+    guarded = (update(Budget).where(Budget.org_id == org_id, Budget.month == month, fits)
+               .values(reserved_micros=Budget.reserved_micros + amount_micros))
+    reserved = db.execute(guarded).rowcount == 1
+    if not reserved:  # the month's first request, or over the limit (perhaps until expired ones go)
+        release_expired(db, now, org_id)
+        ensure_budget(db, org_id, month, limit_micros)
+        reserved = db.execute(guarded).rowcount == 1
+    if not reserved:
         raise QuotaExceededError(
             "You exceeded your current quota: this request could cost up to "
             f"${amount_micros / 1e6:.6f}, more than what is left of this month's spending limit. "
@@ -71,18 +74,21 @@ def settle(db: Session, org_id: str, request_id: str, month: str, cost_micros: i
     cost to the spend of the month it ends in (its usage record's month, so that a month's spend
     and its invoice agree for a request that runs over midnight at the month's end)."""
     held = db.execute(delete(Reservation).where(Reservation.request_id == request_id)
-                      .returning(Reservation.amount_micros)).scalar_one_or_none()
-    if held:
-        db.execute(update(Budget).where(Budget.org_id == org_id, Budget.month == month)
-                   .values(reserved_micros=Budget.reserved_micros - held))
+                      .returning(Reservation.amount_micros)).scalar_one_or_none() or 0
     spend_month = month_of(now or datetime.now(UTC))
     if spend_month != month:
         limit = db.scalar(select(Budget.limit_micros).where(Budget.org_id == org_id, Budget.month == month))
         ensure_budget(db, org_id, spend_month, limit)
-    db.execute(update(Budget).where(Budget.org_id == org_id, Budget.month == spend_month)
-               .values(spent_micros=Budget.spent_micros + cost_micros))
-    if cost_micros:
-        _maybe_alert(db, org_id, spend_month)
+        if held:
+            db.execute(update(Budget).where(Budget.org_id == org_id, Budget.month == month)
+                       .values(reserved_micros=Budget.reserved_micros - held))
+        held = 0
+    budget = db.execute(update(Budget).where(Budget.org_id == org_id, Budget.month == spend_month)
+                        .values(spent_micros=Budget.spent_micros + cost_micros,
+                                reserved_micros=Budget.reserved_micros - held)
+                        .returning(Budget.spent_micros, Budget.limit_micros, Budget.alert_percent)).first()
+    if cost_micros and budget is not None:
+        _maybe_alert(db, org_id, spend_month, budget)
 
 
 def release_expired(db: Session, now: datetime | None = None, org_id: str | None = None) -> int:
@@ -105,11 +111,10 @@ def release_expired(db: Session, now: datetime | None = None, org_id: str | None
     return num_released
 
 
-def _maybe_alert(db: Session, org_id: str, month: str) -> None:
-    """Writes budget.alert to the audit log once per threshold (50/75/90%) and month."""
-    budget = db.execute(select(Budget.spent_micros, Budget.limit_micros, Budget.alert_percent)
-                        .where(Budget.org_id == org_id, Budget.month == month)).first()
-    if budget is None or not budget.limit_micros:
+def _maybe_alert(db: Session, org_id: str, month: str, budget) -> None:
+    """Writes budget.alert to the audit log once per threshold (50/75/90%) and month; `budget` is the
+    row as the settling UPDATE left it (spent, limit, alert percent)."""
+    if not budget.limit_micros:
         return
     percent = budget.spent_micros * 100 // budget.limit_micros
     crossed = [p for p in ALERT_PERCENTS if budget.alert_percent < p <= percent]

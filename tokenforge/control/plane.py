@@ -3,6 +3,7 @@ over one store, price book, tier ladder and rate limiter. Every method blocks on
 server calls them in a worker thread.
 """
 
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -16,6 +17,9 @@ from tokenforge.control.rate_limits import Allowance, RateLimiter, RateLimitStat
 from tokenforge.control.settings import load_control_toml
 from tokenforge.control.store.db import Store, open_store
 from tokenforge.control.tiers import TierLadder
+
+
+SWEEP_INTERVAL_S = 5.0  # expired reservations are released at most this late (and at start)
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,7 @@ class ControlPlane:
         self.ladder = ladder
         self.limiter = limiter
         self.reservation_ttl_s = reservation_ttl_s
+        self._next_sweep_at = 0.0  # when admit next releases expired reservations
 
     @classmethod
     def open(cls, config: ControlConfig) -> tuple["ControlPlane", str | None]:
@@ -77,12 +82,16 @@ class ControlPlane:
         does not fit). Generation routes are counted here, not in count_request."""
         allowances = self._allowances(principal)
         rate_limit = None
-        if allowances:
-            rate_limit = self.limiter.hit(allowances, 1, num_prompt_tokens + max_completion_tokens)
         price = self.prices.price_for(model)
         worst_case = price.worst_case_micros(num_prompt_tokens, max_completion_tokens)
         now = datetime.now(UTC)
+        # One transaction, one commit: the counters (when they live in the store) and the reservation.
         with self.store.transaction() as db:
+            if allowances:
+                rate_limit = self.limiter.hit(allowances, 1, num_prompt_tokens + max_completion_tokens, db=db)
+            if time.monotonic() >= self._next_sweep_at:
+                limits.release_expired(db, now)
+                self._next_sweep_at = time.monotonic() + SWEEP_INTERVAL_S
             month = limits.reserve(db, principal.org_id, request_id, worst_case, self._monthly_limit(principal),
                                    self.reservation_ttl_s, now)
         metered = MeteredRequest(request_id, principal.org_id, principal.key_id, model.name, endpoint, price, month,

@@ -69,7 +69,8 @@ class RateLimitState:
 
 
 class RateLimiter(Protocol):
-    def hit(self, allowances: Sequence[Allowance], num_requests: int, num_tokens: int) -> RateLimitState:
+    def hit(self, allowances: Sequence[Allowance], num_requests: int, num_tokens: int,
+            db: Session | None = None) -> RateLimitState:
         """Counts num_requests and num_tokens against every allowance, all or nothing: if any subject
         would go over its per-minute limit, nothing is counted and RateLimitError is raised.
         num_requests=0, num_tokens=0 only reads the state. StoreUnavailableError: fail closed."""
@@ -99,7 +100,8 @@ class _WindowLimiter:
     def __init__(self, clock: Callable[[], float]):
         self._clock = clock
 
-    def hit(self, allowances: Sequence[Allowance], num_requests: int, num_tokens: int) -> RateLimitState:
+    def hit(self, allowances: Sequence[Allowance], num_requests: int, num_tokens: int,
+            db: Session | None = None) -> RateLimitState:
         allowances = _checked(allowances, num_requests, num_tokens)
         now = self._clock()
         window_start = int(now // WINDOW_S) * WINDOW_S
@@ -107,9 +109,9 @@ class _WindowLimiter:
         too_large = _too_large(allowances, num_requests, num_tokens)
         denied = None
         if too_large is not None or (num_requests == 0 and num_tokens == 0):
-            used = self._read(allowances, window_start)
+            used = self._read(allowances, window_start, db)
         else:
-            denied, used = self._count(allowances, window_start, num_requests, num_tokens, reset_s)
+            denied, used = self._count(allowances, window_start, num_requests, num_tokens, reset_s, db)
         state = _state_of(allowances, used, reset_s)
         if too_large is not None:
             raise _refusal(too_large, used, num_requests, num_tokens, state, never=True)
@@ -117,11 +119,11 @@ class _WindowLimiter:
             raise _refusal(denied, used, num_requests, num_tokens, state, never=False)
         return state
 
-    def _read(self, allowances: list[Allowance], window_start: int) -> Used:
+    def _read(self, allowances: list[Allowance], window_start: int, db: Session | None) -> Used:
         raise NotImplementedError
 
     def _count(self, allowances: list[Allowance], window_start: int, num_requests: int, num_tokens: int,
-               reset_s: float) -> tuple[Allowance | None, Used]:
+               reset_s: float, db: Session | None) -> tuple[Allowance | None, Used]:
         """Counts against all allowances or none; returns the first one that refused (None: counted)
         and the counts as they now stand (without this request's when refused)."""
         raise NotImplementedError
@@ -206,15 +208,21 @@ class StoreRateLimiter(_WindowLimiter):
         self._num_calls_per_prune = num_calls_per_prune
         self._num_calls = itertools.count()  # next() is atomic under the GIL
 
-    def _read(self, allowances: list[Allowance], window_start: int) -> Used:
-        with self._store.transaction() as db:
+    def _read(self, allowances: list[Allowance], window_start: int, db: Session | None) -> Used:
+        if db is not None:
+            return _select_used(db, allowances, window_start)
+        with self._store.reading() as db:
             return _select_used(db, allowances, window_start)
 
     def _count(self, allowances: list[Allowance], window_start: int, num_requests: int, num_tokens: int,
-               reset_s: float) -> tuple[Allowance | None, Used]:
+               reset_s: float, db: Session | None) -> tuple[Allowance | None, Used]:
+        """In `db`'s transaction when given (a savepoint takes a refusal back), else in its own."""
         if next(self._num_calls) % self._num_calls_per_prune == 0:
             self.prune(window_start)
         try:
+            if db is not None:
+                with db.begin_nested():
+                    return None, self._count_in(db, allowances, window_start, num_requests, num_tokens)
             with self._store.transaction() as db:
                 return None, self._count_in(db, allowances, window_start, num_requests, num_tokens)
         except _Refused as refused:
@@ -309,11 +317,12 @@ class RedisRateLimiter(_WindowLimiter):
     def key_of(self, subject: str, window_start: int) -> str:
         return f"{self._key_prefix}{subject}:{window_start}"
 
-    def _read(self, allowances: list[Allowance], window_start: int) -> Used:
+    def _read(self, allowances: list[Allowance], window_start: int, db: Session | None) -> Used:
         return self._run(allowances, window_start, 0, 0, expiry_s=0)[1]
 
     def _count(self, allowances: list[Allowance], window_start: int, num_requests: int, num_tokens: int,
-               reset_s: float) -> tuple[Allowance | None, Used]:
+               reset_s: float, db: Session | None) -> tuple[Allowance | None, Used]:
+        """Counts in Redis; `db` (the caller's store transaction) is not involved."""
         expiry_s = math.ceil(reset_s) + REDIS_EXPIRY_MARGIN_S
         return self._run(allowances, window_start, num_requests, num_tokens, expiry_s)
 
