@@ -14,6 +14,7 @@ import psutil
 
 HEAVY_PROCESS_CORES = 0.1  # another process busier than this share of one core is listed by name
 RSS_POLL_INTERVAL_S = 0.1
+FAMILY_REFRESH_S = 2.0  # how often the server's children are looked up again
 
 
 @dataclass
@@ -42,6 +43,16 @@ def _process_cpu_s() -> dict[int, float]:
     return found
 
 
+def _rss(processes: list[psutil.Process]) -> int:
+    total = 0
+    for process in processes:
+        try:
+            total += process.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
 def _command(pid: int) -> str:
     try:
         process = psutil.Process(pid)
@@ -68,17 +79,14 @@ class LoadMonitor:
             return []
 
     def _server_rss(self) -> int:
-        total = 0
-        for process in self._server_family():
-            try:
-                total += process.memory_info().rss
-            except psutil.Error:
-                pass
-        return total
+        return _rss(self._server_family())
 
     def _poll_rss(self) -> None:
+        family, found_at = self._server_family(), time.monotonic()
         while not self._stop.wait(RSS_POLL_INTERVAL_S):
-            self._peak_rss = max(self._peak_rss, self._server_rss())
+            if time.monotonic() - found_at > FAMILY_REFRESH_S:  # finding children scans every process
+                family, found_at = self._server_family(), time.monotonic()
+            self._peak_rss = max(self._peak_rss, _rss(family))
 
     def __enter__(self) -> "LoadMonitor":
         self._started = time.perf_counter()
