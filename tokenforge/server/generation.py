@@ -63,6 +63,7 @@ def make_sampling_params(req: SamplingRequest, max_tokens: int | None, logprobs:
         logprobs=logprobs,
         skip_special_tokens=req.skip_special_tokens,
         include_stop_str_in_output=req.include_stop_str_in_output,
+        num_speculative_tokens=req.num_speculative_tokens,
     )
     params.validate_for_vocab(vocab_size)
     return params

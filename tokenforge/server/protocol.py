@@ -63,6 +63,8 @@ class SamplingRequest(RequestModel):
     repetition_penalty: float | None = None
     min_tokens: int = 0
     ignore_eos: bool = False
+    # tokenforge: speculative decoding for this request (0: off; k: at most k drafts; None: the server's).
+    num_speculative_tokens: int | None = None
     stop_token_ids: list[StrictInt] | None = None
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False

@@ -98,6 +98,12 @@ def test_sampling_params_from_request():
     with pytest.raises(InvalidRequestError) as info:
         make_sampling_params(CompletionRequest(prompt="x", top_p=5), 16, None, vocab_size=100)
     assert info.value.param == "top_p"
+    chat = ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], num_speculative_tokens=0)
+    assert make_sampling_params(chat, 8, None, vocab_size=100).num_speculative_tokens == 0
+    assert make_sampling_params(CompletionRequest(prompt="x"), 8, None, vocab_size=100).num_speculative_tokens is None
+    with pytest.raises(InvalidRequestError) as info:
+        make_sampling_params(CompletionRequest(prompt="x", num_speculative_tokens=99), 8, None, vocab_size=100)
+    assert info.value.param == "num_speculative_tokens"
 
 
 def test_unsupported_features_are_refused():
