@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,8 +49,9 @@ def log(line: str) -> None:
 
 def sweep_config(args: argparse.Namespace, concurrency: tuple[int, ...]) -> SweepConfig:
     return SweepConfig(prompts=args.prompts, concurrency=concurrency, num_requests=args.num_requests,
-                       max_tokens=args.max_tokens, seed=args.seed, max_other_cpu_cores=args.max_other_cpu,
-                       max_attempts=args.max_attempts, quiet_wait_s=args.quiet_wait_s)
+                       requests_per_stream=args.requests_per_stream, max_tokens=args.max_tokens, seed=args.seed,
+                       max_other_cpu_cores=args.max_other_cpu, max_attempts=args.max_attempts,
+                       quiet_wait_s=args.quiet_wait_s)
 
 
 def vm_hwm_bytes(pid: int) -> int | None:
@@ -67,7 +69,8 @@ async def sweep_server(base_url: str, args: argparse.Namespace, config: SweepCon
         return await run_sweep(client.send, config, server_pid=pid, log=log)
 
 
-def run_server(label: str, command: list[str], port: int, args, concurrency: tuple[int, ...], log_dir: Path) -> ServerRun:
+def run_server(label: str, command: list[str], port: int, args, concurrency: tuple[int, ...],
+               log_dir: Path) -> ServerRun:
     """Starts the server, sweeps it, stops it; its output goes to a log shown if anything fails."""
     log(f"{label}: {' '.join(command)}")
     base_url = f"http://127.0.0.1:{port}"
@@ -123,8 +126,8 @@ def run_tokenforge_offline(args, tmp_dir: Path) -> list[dict]:
                "--prompts", args.prompts, "--concurrency", ",".join(map(str, args.offline_concurrency)),
                "--max-tokens", str(args.max_tokens), "--seed", str(args.seed), "--json", str(out),
                "--max-attempts", str(args.max_attempts)]
-    if args.num_requests:
-        command += ["--num-requests", str(args.num_requests)]
+    command += ["--num-requests", str(args.num_requests)] if args.num_requests else \
+        ["--requests-per-stream", str(args.requests_per_stream)]
     if args.max_other_cpu is not None:
         command += ["--max-other-cpu", str(args.max_other_cpu)]
     log("tokenforge offline: " + " ".join(command))
@@ -229,7 +232,8 @@ def print_comparison(comparison: dict) -> None:
         rss = v["llama_peak_rss_mib"][v["best_llama_quant"]]
         print(f"{c:>5}{v['ratio_output_tokens_per_s']:>13.2f}{v['best_llama_quant']:>7}"
               f"{v['ratio_ttft_p50_to_fastest']:>12.2f}{_x(v['ratio_decode_to_q4_1']):>15}"
-              f"{_x(v['ratio_decode_to_best']):>15}{v['tokenforge_peak_rss_mib']:>12}{rss:>15}{str(v['disturbed']):>11}")
+              f"{_x(v['ratio_decode_to_best']):>15}{v['tokenforge_peak_rss_mib']:>12}{rss:>15}"
+              f"{str(v['disturbed']):>11}")
 
 
 def _x(value: float | None) -> str:
@@ -241,7 +245,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="catalog name or a .gguf file")
     parser.add_argument("--prompts", default="short", choices=sorted(CTX_PER_SLOT))
     parser.add_argument("--concurrency", default="1,4,16,64", type=lambda t: tuple(int(x) for x in t.split(",")))
-    parser.add_argument("--num-requests", type=int, default=None, help="per level (default: max(8, 2 x concurrency))")
+    parser.add_argument("--num-requests", type=int, default=None,
+                        help="per level (default: max(8, --requests-per-stream x concurrency))")
+    parser.add_argument("--requests-per-stream", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quants", default=",".join(LLAMA_QUANTS), type=lambda t: tuple(t.split(",")))
@@ -261,6 +267,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the server being measured
     info = {"machine": machine_info(), "git": git_info(), "notes": args.notes}
     gguf = resolve_model(args.model)
     llama = None if "llama" in args.skip else ensure_llama_cpp(args.cache_dir)
@@ -275,7 +282,8 @@ def main() -> None:
         llama_runs = {} if llama is None else run_llama(llama, gguf, args, tmp_dir)
         for qtype, runs in llama_runs.items():
             servers.extend(runs)
-            series[f"llama.cpp {qtype}"] = sorted((lv for r in runs for lv in r.levels), key=lambda lv: lv["concurrency"])
+            levels = (lv for run in runs for lv in run.levels)
+            series[f"llama.cpp {qtype}"] = sorted(levels, key=lambda lv: lv["concurrency"])
         if "offline" not in args.skip:
             offline["tokenforge"] = run_tokenforge_offline(args, tmp_dir)
     if "transformers" not in args.skip:

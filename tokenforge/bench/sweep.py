@@ -14,7 +14,6 @@ from tokenforge.bench.prompts import make_prompt_set
 from tokenforge.bench.report import summarize
 
 MIN_REQUESTS_PER_LEVEL = 8
-REQUESTS_PER_STREAM = 2  # default requests per level: each stream sends this many, one after the other
 QUIET_PROBE_S = 1.0
 
 
@@ -22,7 +21,8 @@ QUIET_PROBE_S = 1.0
 class SweepConfig:
     prompts: str = "short"  # a PROMPT_SETS name
     concurrency: tuple[int, ...] = (1, 4, 16, 64)
-    num_requests: int | None = None  # per level; None: max(8, 2 x concurrency)
+    num_requests: int | None = None  # per level; None: max(8, requests_per_stream x concurrency)
+    requests_per_stream: int = 2  # with num_requests None: each stream sends this many, one after the other
     max_tokens: int = 128
     request_rate: float | None = None  # Poisson arrivals (requests/s); None: all at once
     num_warmup_requests: int = 2
@@ -34,7 +34,7 @@ class SweepConfig:
     def num_requests_for(self, concurrency: int) -> int:
         if self.num_requests is not None:
             return self.num_requests
-        return max(MIN_REQUESTS_PER_LEVEL, REQUESTS_PER_STREAM * concurrency)
+        return max(MIN_REQUESTS_PER_LEVEL, self.requests_per_stream * concurrency)
 
 
 def is_disturbed(level: dict, max_other_cpu_cores: float | None) -> bool:

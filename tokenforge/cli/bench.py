@@ -48,7 +48,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     load.add_argument("--concurrency", type=_int_list, default=(1, 4, 16, 64),
                       help="streams in flight, one level after another (default: 1,4,16,64)")
     load.add_argument("--num-requests", type=_positive_int, default=None,
-                      help="requests per level (default: max(8, 2 x concurrency))")
+                      help="requests per level (default: max(8, --requests-per-stream x concurrency))")
+    load.add_argument("--requests-per-stream", type=_positive_int, default=2,
+                      help="without --num-requests: requests each stream sends, one after the other (default 2)")
     load.add_argument("--request-rate", type=float, default=None,
                       help="Poisson arrivals at this many requests/s, capped by --concurrency (default: all at once)")
     load.add_argument("--max-tokens", type=_positive_int, default=128)
@@ -72,8 +74,8 @@ def sweep_config_from_args(args: argparse.Namespace):
     from tokenforge.bench.sweep import SweepConfig
 
     return SweepConfig(prompts=args.prompts, concurrency=args.concurrency, num_requests=args.num_requests,
-                       max_tokens=args.max_tokens, request_rate=args.request_rate,
-                       num_warmup_requests=args.num_warmup_requests, seed=args.seed,
+                       requests_per_stream=args.requests_per_stream, max_tokens=args.max_tokens,
+                       request_rate=args.request_rate, num_warmup_requests=args.num_warmup_requests, seed=args.seed,
                        max_other_cpu_cores=args.max_other_cpu, max_attempts=args.max_attempts)
 
 
