@@ -83,12 +83,12 @@ def engine_prompt_logits(loaded, prompts: list[list[int]]) -> list[torch.Tensor]
         engine.scheduler.add_request(Request(f"logits-{index}", token_ids, SamplingParams(max_tokens=1)))
     scheduled = engine.scheduler.schedule()
     assert sum(scheduled.num_scheduled_tokens.values()) == sum(map(len, prompts)), "not one step"
-    input_ids, positions, meta, _, requests = engine.runner.prepare(scheduled)
+    batch = engine.runner.prepare(scheduled)
     with torch.inference_mode():
-        hidden = engine.runner.model(input_ids, positions, engine.runner.kv_caches, meta)
+        hidden = engine.runner.model(batch.input_ids, batch.positions, engine.runner.kv_caches, batch.meta)
         logits = engine.runner.model.compute_logits(hidden).float()
     by_id, start = {}, 0
-    for request in requests:  # prepare's order: the batch is flat, one prompt after another
+    for request in scheduled.scheduled_requests:  # prefills keep their order: one prompt after another
         by_id[request.request_id] = logits[start : start + request.num_prompt_tokens]
         start += request.num_prompt_tokens
     return [by_id[f"logits-{index}"] for index in range(len(prompts))]

@@ -132,11 +132,11 @@ def test_prompt_logits_close(smollm2_loaded, smollm2_path, prompts):
     for index, token_ids in enumerate(prompts):
         engine.scheduler.add_request(Request(f"logits-{index}", token_ids, SamplingParams(max_tokens=1)))
     scheduled = engine.scheduler.schedule()
-    input_ids, positions, meta, logits_indices, requests = engine.runner.prepare(scheduled)
+    batch = engine.runner.prepare(scheduled)
     with torch.inference_mode():
-        hidden = engine.runner.model(input_ids, positions, engine.runner.kv_caches, meta)
-        ours = engine.runner.model.compute_logits(hidden[logits_indices])
-        for row, request in enumerate(requests):
+        hidden = engine.runner.model(batch.input_ids, batch.positions, engine.runner.kv_caches, batch.meta)
+        ours = engine.runner.model.compute_logits(hidden[batch.logits_indices])
+        for request, rows in zip(scheduled.scheduled_requests, batch.logits_rows):
             theirs = hf(input_ids=torch.tensor([request.prompt_token_ids])).logits[0, -1]
-            diff = float((ours[row] - theirs).abs().max())
+            diff = float((ours[rows.start] - theirs).abs().max())
             assert diff < MAX_LOGIT_DIFF, f"prompt {request.request_id}: max |logit diff| {diff:.2e}"
