@@ -93,7 +93,7 @@ def test_model_drafting_for_itself_is_always_accepted(smollm2_loaded, expected):
     right only if a draft identical to the target agrees with it at every position."""
     model, _, _ = smollm2_loaded
     llm = make_llm(smollm2_loaded, speculative=DRAFT, draft=model)
-    assert token_ids(llm, PROMPTS[:2]) == expected[:2]
+    assert token_ids(llm, PROMPTS[:1]) == expected[:1]
     stats = llm.engine.stats()
     assert stats["spec_acceptance_rate"] > 0.95, stats
 

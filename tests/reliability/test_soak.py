@@ -3,7 +3,7 @@ prompt lengths, some with stop strings, some leaving mid-stream. Afterwards: no 
 503s, exactly one usage record per admitted request, every KV block free, no growth in open file
 descriptors or threads, and memory growth within a bound.
 
-TOKENFORGE_SOAK_REQUESTS (default 96) makes it a longer manual soak run."""
+TOKENFORGE_SOAK_REQUESTS (default 64) makes it a longer manual soak run."""
 
 import asyncio
 import gc
@@ -21,7 +21,7 @@ from tests.integration.control.conftest import MODEL
 from tests.integration.server.conftest import wait_until_idle
 from tokenforge.control.store.models import Budget, Reservation, UsageRecord
 
-NUM_REQUESTS = int(os.environ.get("TOKENFORGE_SOAK_REQUESTS", "96"))
+NUM_REQUESTS = int(os.environ.get("TOKENFORGE_SOAK_REQUESTS", "64"))
 CONCURRENCY = 64
 MAX_RSS_GROWTH_MIB = 300  # the bound this test holds the server to (warm-up excluded)
 WORDS = "the river runs past old stone walls and green fields toward a quiet town".split()
