@@ -11,11 +11,11 @@ its amount leaves `reserved` exactly once.
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from tokenforge.control import audit
 from tokenforge.control.errors import QuotaExceededError
+from tokenforge.control.store.db import dialect_insert
 from tokenforge.control.store.models import Budget, Reservation
 
 ALERT_PERCENTS = (50, 75, 90)
@@ -27,8 +27,7 @@ def month_of(moment: datetime) -> str:
 
 def insert_ignore(db: Session, table, values: dict, index_elements: list[str]) -> None:
     """INSERT ... ON CONFLICT DO NOTHING on SQLite and PostgreSQL."""
-    dialect = postgresql if db.get_bind().dialect.name == "postgresql" else sqlite
-    db.execute(dialect.insert(table).values(**values).on_conflict_do_nothing(index_elements=index_elements))
+    db.execute(dialect_insert(db, table).values(**values).on_conflict_do_nothing(index_elements=index_elements))
 
 
 def ensure_budget(db: Session, org_id: str, month: str, limit_micros: int | None) -> None:

@@ -8,11 +8,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from tokenforge.control import limits
 from tokenforge.control.pricing import Price
+from tokenforge.control.store.db import dialect_insert
 from tokenforge.control.store.models import DailyUsage, UsageRecord
 
 STATUSES = ("ok", "client_closed", "error", "refused")
@@ -65,11 +65,10 @@ def write_usage(db: Session, req: MeteredRequest, usage: Usage, status: str,
 
 
 def _add_to_daily(db: Session, org_id: str, now: datetime, model: str, usage: Usage, cost: int) -> None:
-    dialect = postgresql if db.get_bind().dialect.name == "postgresql" else sqlite
     values = {"org_id": org_id, "day": now.astimezone(UTC).date(), "model": model, "num_requests": 1,
               "num_prompt_tokens": usage.num_prompt_tokens, "num_cached_tokens": usage.num_cached_tokens,
               "num_completion_tokens": usage.num_completion_tokens, "cost_micros": cost}
-    insert = dialect.insert(DailyUsage).values(**values)
+    insert = dialect_insert(db, DailyUsage).values(**values)
     table = DailyUsage.__table__.c
     db.execute(insert.on_conflict_do_update(
         index_elements=["org_id", "day", "model"],

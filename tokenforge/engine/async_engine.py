@@ -48,7 +48,6 @@ class AsyncEngine:
         self.error: BaseException | None = None
         self.step_started_at: float | None = None  # set while a step runs
         self.num_step_failures = 0  # steps that raised and were recovered from
-        self._core_request_ids: set[str] = set()  # engine thread only: requests the core holds
         self._thread = threading.Thread(target=self._run, name="tokenforge-engine", daemon=True)
 
     # -- caller side (any thread with an asyncio loop) --
@@ -162,10 +161,8 @@ class AsyncEngine:
         for request, stream in to_add:
             if not stream.finished:
                 self.core.add_request(request)
-                self._core_request_ids.add(request.request_id)
         for request_id in to_abort:
             self.core.abort_request(request_id)
-            self._core_request_ids.discard(request_id)
             with self._lock:
                 self._streams.pop(request_id, None)
 
@@ -173,10 +170,9 @@ class AsyncEngine:
         """After a failed step: ends every request in the core with EngineStepError and frees its
         blocks (nothing of the failed step was committed: the scheduler updates after the forward)."""
         self.num_step_failures += 1
-        logger.error("engine step failed; ending its %d requests and going on", len(self._core_request_ids),
-                     exc_info=exc)
+        request_ids = list(self.core.scheduler.requests)  # every request the core holds, unfinished
+        logger.error("engine step failed; ending its %d requests and going on", len(request_ids), exc_info=exc)
         error = EngineStepError(f"the engine failed while running this request: {type(exc).__name__}: {exc}")
-        request_ids, self._core_request_ids = self._core_request_ids, set()
         for request_id in request_ids:
             self.core.abort_request(request_id)
         with self._lock:
@@ -187,7 +183,6 @@ class AsyncEngine:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Stream, RequestOutput]]] = {}
-        self._core_request_ids.difference_update(out.request_id for out in outputs if out.finished)
         with self._lock:
             for out in outputs:
                 stream = self._streams.get(out.request_id)

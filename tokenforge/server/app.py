@@ -56,15 +56,15 @@ def create_app(engines: Mapping[str, AsyncEngine], *, owns_engines: bool = False
     app.add_middleware(RequestContextMiddleware, metrics=metrics, max_body_bytes=max_body_bytes,
                        lifecycle=app.state.lifecycle)
 
-    async def generation_key(request: Request) -> None:
-        if billing is not None:
-            await billing.authorize(request, "inference")
+    def inference_key(count: bool) -> list:
+        """The key check of inference routes; `count`: count the request now (generation routes are
+        counted with their tokens at admission)."""
+        async def check(request: Request) -> None:
+            if billing is not None:
+                await billing.authorize(request, "inference", count=count)
+        return [Depends(check)]
 
-    async def inference_key(request: Request) -> None:
-        if billing is not None:
-            await billing.authorize(request, "inference", count=True)
-
-    generation, inference = [Depends(generation_key)], [Depends(inference_key)]
+    generation, inference = inference_key(count=False), inference_key(count=True)
     if billing is not None:
         app.include_router(make_admin_router(billing))
 

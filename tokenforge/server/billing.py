@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine
+from datetime import UTC, datetime
 
 from starlette.requests import Request
 
@@ -20,7 +21,6 @@ from tokenforge.control.rate_limits import RateLimitState
 
 logger = logging.getLogger(__name__)
 
-RATE_LIMIT_STATE_KEY = "rate_limit_headers"  # in scope["state"]; the middleware adds them to the response
 SETTLE_FIRST_RETRY_S = 0.5
 SETTLE_MAX_RETRY_S = 30.0
 
@@ -103,7 +103,9 @@ class Meter:
             return False
 
     async def _retry(self, usage: Usage, status: str) -> None:
-        deadline = time.monotonic() + self.billing.plane.reservation_ttl_s
+        metered = self.admission.metered
+        held_s = (datetime.now(UTC) - metered.started_at).total_seconds()
+        deadline = time.monotonic() + self.billing.plane.reservation_ttl_s - held_s
         delay_s = SETTLE_FIRST_RETRY_S
         while time.monotonic() + delay_s < deadline:
             await asyncio.sleep(delay_s)
@@ -115,5 +117,6 @@ class Meter:
 
 
 def _remember(request: Request, state: RateLimitState | None) -> None:
+    """Leaves the x-ratelimit-* headers in the request's state, where the middleware adds them."""
     if state is not None:
         request.state.rate_limit_headers = state.headers()

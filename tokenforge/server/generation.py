@@ -10,13 +10,13 @@ from typing import TypeVar
 
 from starlette.requests import Request
 
+from tokenforge.control import metering
+from tokenforge.control.pricing import ModelFacts
 from tokenforge.engine.async_engine import AsyncEngine
 from tokenforge.engine.llm import child_params
 from tokenforge.engine.outputs import RequestOutput
 from tokenforge.engine.request import FinishReason
-from tokenforge.control.pricing import ModelFacts
 from tokenforge.errors import InvalidRequestError
-from tokenforge.control import metering
 from tokenforge.sampling_params import SamplingParams
 from tokenforge.server.billing import Billing, Meter
 from tokenforge.server.metrics import ServerMetrics
@@ -159,11 +159,12 @@ class RequestGroup:
         """What the engine processed so far: every choice's output tokens, each prompt once. A prompt
         whose choices produced nothing yet is not charged (its prefill may not have finished)."""
         num_prompt = num_cached = 0
+        seen = sorted(self._counts.items())
         for first, end in zip(self._first_indices, [*self._first_indices[1:], None]):
-            seen = [out for index, out in sorted(self._counts.items()) if index >= first and (end is None or index < end)]
-            if seen:
-                num_prompt += seen[0].num_prompt_tokens
-                num_cached += seen[0].num_cached_tokens
+            out = next((out for index, out in seen if first <= index and (end is None or index < end)), None)
+            if out is not None:
+                num_prompt += out.num_prompt_tokens
+                num_cached += out.num_cached_tokens
         num_completion = sum(out.num_output_tokens for out in self._counts.values())
         return metering.Usage(num_prompt, num_cached, num_completion)
 

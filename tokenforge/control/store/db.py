@@ -14,6 +14,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -22,6 +23,11 @@ from tokenforge.control.errors import StoreUnavailableError
 
 SQLITE_BUSY_TIMEOUT_S = 30
 READ_ONLY = "tokenforge_read_only"  # execution option of Store.reading()
+
+
+def dialect_insert(db: Session, table):
+    """INSERT of the session's dialect (SQLite or PostgreSQL), which knows ON CONFLICT."""
+    return (postgresql if db.get_bind().dialect.name == "postgresql" else sqlite).insert(table)
 
 
 def normalise_url(url: str) -> str:
