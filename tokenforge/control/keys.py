@@ -12,7 +12,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from tokenforge.control import audit
@@ -25,6 +25,13 @@ PREFIX_LEN = 12  # hex chars after "tf_": the public, indexed part
 SECRET_LEN = 43  # secrets.token_urlsafe(32)
 KEY_PATTERN = re.compile(rf"^{KEY_PREFIX}[0-9a-f]{{{PREFIX_LEN}}}[A-Za-z0-9_-]{{{SECRET_LEN}}}$")
 SCOPES = frozenset({"inference", "admin"})
+
+# Every request's lookup, built once: the key by its prefix, with what its principal needs of its org.
+_keys, _orgs = ApiKey.__table__.c, Organization.__table__.c
+_FIND_KEY = (select(_keys.id, _keys.key_hash, _keys.scopes, _keys.expires_at, _keys.revoked_at, _keys.org_id,
+                    _orgs.is_operator, _orgs.unlimited, _orgs.tier_index, _orgs.custom_limit_micros)
+             .join_from(ApiKey.__table__, Organization.__table__, _keys.org_id == _orgs.id)
+             .where(_keys.prefix == bindparam("prefix")))
 
 
 @dataclass(frozen=True)
@@ -107,7 +114,7 @@ def authenticate(db: Session, presented: str | None) -> Principal:
         raise AuthenticationError("You didn't provide an API key. Send it as 'Authorization: Bearer <key>'.")
     if not KEY_PATTERN.fullmatch(presented):
         raise AuthenticationError("Incorrect API key provided: it is not a tokenforge key.")
-    row = db.scalars(select(ApiKey).where(ApiKey.prefix == presented[len(KEY_PREFIX):][:PREFIX_LEN])).first()
+    row = db.execute(_FIND_KEY, {"prefix": presented[len(KEY_PREFIX):][:PREFIX_LEN]}).first()
     # Hash and compare even when no row matched, so both paths cost the same.
     expected = row.key_hash if row is not None else "0" * 64
     if not hmac.compare_digest(expected, hash_key(presented)) or row is None:
@@ -117,11 +124,12 @@ def authenticate(db: Session, presented: str | None) -> Principal:
         raise AuthenticationError("This API key has been revoked.")
     if row.expires_at is not None and row.expires_at <= now:
         raise AuthenticationError("This API key has expired.")
-    return principal_of(db.get(Organization, row.org_id), row.id, frozenset(row.scopes.split()))
+    return principal_of(row.org_id, row, row.id, frozenset(row.scopes.split()))
 
 
-def principal_of(org: Organization, key_id: str | None, scopes: frozenset[str]) -> Principal:
-    return Principal(org_id=org.id, key_id=key_id, scopes=scopes, is_operator=org.is_operator,
+def principal_of(org_id: str, org, key_id: str | None, scopes: frozenset[str]) -> Principal:
+    """`org`: the Organization, or a row with its limit columns."""
+    return Principal(org_id=org_id, key_id=key_id, scopes=scopes, is_operator=org.is_operator,
                      unlimited=org.unlimited, tier_index=org.tier_index, custom_limit_micros=org.custom_limit_micros)
 
 

@@ -10,15 +10,30 @@ its amount leaves `reserved` exactly once.
 
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
 
 from tokenforge.control import audit
 from tokenforge.control.errors import QuotaExceededError
-from tokenforge.control.store.db import dialect_insert
+from tokenforge.control.store.db import dialect_insert, dialect_of
 from tokenforge.control.store.models import Budget, Reservation
 
 ALERT_PERCENTS = (50, 75, 90)
+
+# The statements of every request, built once (see store.db.dialect_insert).
+_budgets, _reservations = Budget.__table__.c, Reservation.__table__.c
+_RESERVE = (update(Budget.__table__)
+            .where(_budgets.org_id == bindparam("of_org"), _budgets.month == bindparam("of_month"),
+                   _budgets.limit_micros.is_(None)
+                   | (_budgets.spent_micros + _budgets.reserved_micros + bindparam("amount") <= _budgets.limit_micros))
+            .values(reserved_micros=_budgets.reserved_micros + bindparam("amount")))
+_HOLD = insert(Reservation.__table__)  # VALUES from the parameters' names
+_UNHOLD = (delete(Reservation.__table__).where(_reservations.request_id == bindparam("request_id"))
+           .returning(_reservations.amount_micros))
+_SPEND = (update(Budget.__table__).where(_budgets.org_id == bindparam("of_org"), _budgets.month == bindparam("of_month"))
+          .values(spent_micros=_budgets.spent_micros + bindparam("cost"),
+                  reserved_micros=_budgets.reserved_micros - bindparam("held"))
+          .returning(_budgets.spent_micros, _budgets.limit_micros, _budgets.alert_percent))
 
 
 def month_of(moment: datetime) -> str:
@@ -27,7 +42,8 @@ def month_of(moment: datetime) -> str:
 
 def insert_ignore(db: Session, table, values: dict, index_elements: list[str]) -> None:
     """INSERT ... ON CONFLICT DO NOTHING on SQLite and PostgreSQL."""
-    db.execute(dialect_insert(db, table).values(**values).on_conflict_do_nothing(index_elements=index_elements))
+    db.execute(dialect_insert(dialect_of(db), table).values(**values)
+               .on_conflict_do_nothing(index_elements=index_elements))
 
 
 def ensure_budget(db: Session, org_id: str, month: str, limit_micros: int | None) -> None:
@@ -48,22 +64,19 @@ def reserve(db: Session, org_id: str, request_id: str, amount_micros: int, limit
     QuotaExceededError (429 insufficient_quota) when it does not fit."""
     now = now or datetime.now(UTC)
     month = month_of(now)
-    fits = (Budget.limit_micros.is_(None)
-            | (Budget.spent_micros + Budget.reserved_micros + amount_micros <= Budget.limit_micros))
-    guarded = (update(Budget).where(Budget.org_id == org_id, Budget.month == month, fits)
-               .values(reserved_micros=Budget.reserved_micros + amount_micros))
-    reserved = db.execute(guarded).rowcount == 1
+    params = {"of_org": org_id, "of_month": month, "amount": amount_micros}
+    reserved = db.execute(_RESERVE, params).rowcount == 1
     if not reserved:  # the month's first request, or over the limit (perhaps until expired ones go)
         release_expired(db, now, org_id)
         ensure_budget(db, org_id, month, limit_micros)
-        reserved = db.execute(guarded).rowcount == 1
+        reserved = db.execute(_RESERVE, params).rowcount == 1
     if not reserved:
         raise QuotaExceededError(
             "You exceeded your current quota: this request could cost up to "
             f"${amount_micros / 1e6:.6f}, more than what is left of this month's spending limit. "
             "Lower max_tokens, wait for the next month, or ask an admin to raise the limit.")
-    db.add(Reservation(request_id=request_id, org_id=org_id, month=month, amount_micros=amount_micros,
-                       expires_at=now + timedelta(seconds=ttl_s)))
+    db.execute(_HOLD, {"request_id": request_id, "org_id": org_id, "month": month, "amount_micros": amount_micros,
+                       "expires_at": now + timedelta(seconds=ttl_s)})
     return month
 
 
@@ -72,8 +85,7 @@ def settle(db: Session, org_id: str, request_id: str, month: str, cost_micros: i
     """Frees the request's reservation (if it has not expired) from its month, and adds its real
     cost to the spend of the month it ends in (its usage record's month, so that a month's spend
     and its invoice agree for a request that runs over midnight at the month's end)."""
-    held = db.execute(delete(Reservation).where(Reservation.request_id == request_id)
-                      .returning(Reservation.amount_micros)).scalar_one_or_none() or 0
+    held = db.execute(_UNHOLD, {"request_id": request_id}).scalar_one_or_none() or 0
     spend_month = month_of(now or datetime.now(UTC))
     if spend_month != month:
         limit = db.scalar(select(Budget.limit_micros).where(Budget.org_id == org_id, Budget.month == month))
@@ -82,10 +94,7 @@ def settle(db: Session, org_id: str, request_id: str, month: str, cost_micros: i
             db.execute(update(Budget).where(Budget.org_id == org_id, Budget.month == month)
                        .values(reserved_micros=Budget.reserved_micros - held))
         held = 0
-    budget = db.execute(update(Budget).where(Budget.org_id == org_id, Budget.month == spend_month)
-                        .values(spent_micros=Budget.spent_micros + cost_micros,
-                                reserved_micros=Budget.reserved_micros - held)
-                        .returning(Budget.spent_micros, Budget.limit_micros, Budget.alert_percent)).first()
+    budget = db.execute(_SPEND, {"of_org": org_id, "of_month": spend_month, "cost": cost_micros, "held": held}).first()
     if cost_micros and budget is not None:
         _maybe_alert(db, org_id, spend_month, budget)
 

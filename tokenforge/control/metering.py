@@ -4,15 +4,15 @@ settlement in one transaction. A second write for the same request id changes no
 Usage records hold counts, prices and cost, never prompts or outputs.
 """
 
+import functools
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tokenforge.control import limits
 from tokenforge.control.pricing import Price
-from tokenforge.control.store.db import dialect_insert
+from tokenforge.control.store.db import dialect_insert, dialect_of
 from tokenforge.control.store.models import DailyUsage, UsageRecord
 
 STATUSES = ("ok", "client_closed", "error", "refused")
@@ -47,29 +47,37 @@ def write_usage(db: Session, req: MeteredRequest, usage: Usage, status: str,
     was recorded already (its first record stands, nothing is counted twice)."""
     if status not in STATUSES:
         raise ValueError(f"unknown usage status {status!r}")
-    if db.scalars(select(UsageRecord.id).where(UsageRecord.request_id == req.request_id)).first() is not None:
-        return None
     now = now or datetime.now(UTC)
     cost = req.price.cost_micros(usage.num_prompt_tokens, usage.num_cached_tokens, usage.num_completion_tokens)
-    db.add(UsageRecord(
-        request_id=req.request_id, org_id=req.org_id, key_id=req.key_id, model=req.model, endpoint=req.endpoint,
-        status=status, num_prompt_tokens=usage.num_prompt_tokens, num_cached_tokens=usage.num_cached_tokens,
-        num_completion_tokens=usage.num_completion_tokens, input_price_micros=req.price.input_micros,
-        cached_input_price_micros=req.price.cached_input_micros, output_price_micros=req.price.output_micros,
-        cost_micros=cost, latency_ms=max(0, int((now - req.started_at).total_seconds() * 1000)), created_at=now))
-    _add_to_daily(db, req.org_id, now, req.model, usage, cost)
+    counts = {"num_prompt_tokens": usage.num_prompt_tokens, "num_cached_tokens": usage.num_cached_tokens,
+              "num_completion_tokens": usage.num_completion_tokens, "cost_micros": cost}
+    dialect = dialect_of(db)
+    # ON CONFLICT (request_id) DO NOTHING: a second write, even a concurrent one, inserts nothing.
+    inserted = db.execute(_record_statement(dialect), counts | {
+        "request_id": req.request_id, "org_id": req.org_id, "key_id": req.key_id, "model": req.model,
+        "endpoint": req.endpoint, "status": status, "input_price_micros": req.price.input_micros,
+        "cached_input_price_micros": req.price.cached_input_micros, "output_price_micros": req.price.output_micros,
+        "latency_ms": max(0, int((now - req.started_at).total_seconds() * 1000)), "created_at": now}).first()
+    if inserted is None:
+        return None
+    db.execute(_add_to_daily_statement(dialect), counts | {
+        "org_id": req.org_id, "day": now.astimezone(UTC).date(), "model": req.model, "num_requests": 1})
     limits.settle(db, req.org_id, req.request_id, req.month, cost, now)
-    # The unique request_id makes a concurrent duplicate fail at commit instead of counting twice.
-    db.flush()
     return cost
 
 
-def _add_to_daily(db: Session, org_id: str, now: datetime, model: str, usage: Usage, cost: int) -> None:
-    values = {"org_id": org_id, "day": now.astimezone(UTC).date(), "model": model, "num_requests": 1,
-              "num_prompt_tokens": usage.num_prompt_tokens, "num_cached_tokens": usage.num_cached_tokens,
-              "num_completion_tokens": usage.num_completion_tokens, "cost_micros": cost}
-    insert = dialect_insert(db, DailyUsage).values(**values)
-    table = DailyUsage.__table__.c
-    db.execute(insert.on_conflict_do_update(
+@functools.cache
+def _record_statement(dialect: str):
+    # VALUES from the parameters' names
+    return (dialect_insert(dialect, UsageRecord.__table__).on_conflict_do_nothing(index_elements=["request_id"]).returning(UsageRecord.__table__.c.id))
+
+
+@functools.cache
+def _add_to_daily_statement(dialect: str):
+    """The day's roll-up row of (org, model), created or added to."""
+    table = DailyUsage.__table__
+    insert = dialect_insert(dialect, table)  # VALUES from the parameters' names
+    return insert.on_conflict_do_update(
         index_elements=["org_id", "day", "model"],
-        set_={name: table[name] + insert.excluded[name] for name in values if name.startswith(("num_", "cost"))}))
+        set_={name: table.c[name] + insert.excluded[name] for name in
+              ("num_requests", "num_prompt_tokens", "num_cached_tokens", "num_completion_tokens", "cost_micros")})

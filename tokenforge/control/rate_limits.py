@@ -5,6 +5,7 @@ Windows are fixed and aligned to the unix minute (window_start = floor(now / 60)
 exact, at the price of letting a subject reach up to twice its limit across a window boundary.
 """
 
+import functools
 import itertools
 import math
 import time
@@ -13,12 +14,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import redis
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, select
 from sqlalchemy.orm import Session
 
 from tokenforge.control.errors import RateLimitError, StoreUnavailableError
-from tokenforge.control.limits import insert_ignore
-from tokenforge.control.store.db import Store
+from tokenforge.control.store.db import Store, dialect_insert, dialect_of
 from tokenforge.control.store.models import RateCounter
 from tokenforge.errors import ConfigError
 
@@ -198,9 +198,9 @@ class _Refused(Exception):
 
 
 class StoreRateLimiter(_WindowLimiter):
-    """Counters in the RateCounter table: one transaction upserts each subject's row, then one guarded
-    UPDATE per subject (`num_requests + :n <= :limit AND num_tokens + :t <= :limit`); an UPDATE that
-    matches no row rolls the whole transaction back. Atomic under any concurrency, like limits.py."""
+    """Counters in the RateCounter table: one guarded upsert per subject in one transaction
+    (`... ON CONFLICT DO UPDATE ... WHERE num_requests + :n <= :limit AND num_tokens + :t <= :limit`);
+    one that changes no row rolls the whole transaction back. Atomic under any concurrency, like limits.py."""
 
     def __init__(self, store: Store, clock: Callable[[], float] = time.time, num_calls_per_prune: int = 1000):
         super().__init__(clock)
@@ -216,46 +216,60 @@ class StoreRateLimiter(_WindowLimiter):
 
     def _count(self, allowances: list[Allowance], window_start: int, num_requests: int, num_tokens: int,
                reset_s: float, db: Session | None) -> tuple[Allowance | None, Used]:
-        """In `db`'s transaction when given (a savepoint takes a refusal back), else in its own."""
-        if next(self._num_calls) % self._num_calls_per_prune == 0:
-            self.prune(window_start)
+        """In `db`'s transaction when given (hit() then raises on a refusal, and that transaction must
+        roll back: the caller's `with store.transaction()` does), else in its own."""
+        prune = next(self._num_calls) % self._num_calls_per_prune == 0
         try:
             if db is not None:
-                with db.begin_nested():
-                    return None, self._count_in(db, allowances, window_start, num_requests, num_tokens)
+                return None, self._count_in(db, allowances, window_start, num_requests, num_tokens, prune)
             with self._store.transaction() as db:
-                return None, self._count_in(db, allowances, window_start, num_requests, num_tokens)
+                return None, self._count_in(db, allowances, window_start, num_requests, num_tokens, prune)
         except _Refused as refused:
             return refused.allowance, refused.used
 
     def _count_in(self, db: Session, allowances: list[Allowance], window_start: int, num_requests: int,
-                  num_tokens: int) -> Used:
-        for allowance in allowances:
-            insert_ignore(db, RateCounter, {"subject": allowance.subject, "window_start": window_start,
-                                            "num_requests": 0, "num_tokens": 0}, ["subject", "window_start"])
+                  num_tokens: int, prune: bool) -> Used:
+        """One guarded upsert per subject, which returns the subject's new counts, or nothing when
+        the subject's limit refused (then _Refused rolls back what the others counted)."""
+        if prune:
+            self.prune(window_start, db)
+        statement = _count_statement(dialect_of(db))
+        used = {}
         for index, allowance in enumerate(allowances):
-            result = db.execute(
-                update(RateCounter)
-                .where(RateCounter.subject == allowance.subject, RateCounter.window_start == window_start,
-                       RateCounter.num_requests + num_requests <= allowance.requests_per_minute,
-                       RateCounter.num_tokens + num_tokens <= allowance.tokens_per_minute)
-                .values(num_requests=RateCounter.num_requests + num_requests,
-                        num_tokens=RateCounter.num_tokens + num_tokens))
-            if result.rowcount != 1:
+            row = db.execute(statement, {"subject": allowance.subject, "window_start": window_start,
+                                         "num_requests": num_requests, "num_tokens": num_tokens,
+                                         "requests_per_minute": allowance.requests_per_minute,
+                                         "tokens_per_minute": allowance.tokens_per_minute}).first()
+            if row is None:
                 used = _select_used(db, allowances, window_start)
                 for counted in allowances[:index]:  # what the rollback takes back
                     num_used_requests, num_used_tokens = used[counted.subject]
                     used[counted.subject] = (num_used_requests - num_requests, num_used_tokens - num_tokens)
                 raise _Refused(allowance, used)
-        return _select_used(db, allowances, window_start)
+            used[allowance.subject] = (row.num_requests, row.num_tokens)
+        return used
 
-    def prune(self, window_start: int) -> None:
+    def prune(self, window_start: int, db: Session) -> None:
         """Deletes the counters of windows that ended long ago, so the table stays small."""
-        with self._store.transaction() as db:
-            db.execute(delete(RateCounter).where(RateCounter.window_start < window_start - KEEP_OLD_WINDOWS_S))
+        db.execute(delete(RateCounter).where(RateCounter.window_start < window_start - KEEP_OLD_WINDOWS_S))
 
     def close(self) -> None:
         """The store belongs to the caller: nothing to close."""
+
+
+@functools.cache
+def _count_statement(dialect: str):
+    """INSERT the subject's window row, or add to it ON CONFLICT only WHERE both counts stay within
+    the limits (PostgreSQL checks the WHERE on the row it locked), RETURNING the counts."""
+    table = RateCounter.__table__
+    insert = dialect_insert(dialect, table)  # VALUES from the parameters' names
+    return insert.on_conflict_do_update(
+        index_elements=[table.c.subject, table.c.window_start],
+        set_={"num_requests": table.c.num_requests + insert.excluded.num_requests,
+              "num_tokens": table.c.num_tokens + insert.excluded.num_tokens},
+        where=(table.c.num_requests + insert.excluded.num_requests <= bindparam("requests_per_minute"))
+        & (table.c.num_tokens + insert.excluded.num_tokens <= bindparam("tokens_per_minute")),
+    ).returning(table.c.num_requests, table.c.num_tokens)
 
 
 def _select_used(db: Session, allowances: list[Allowance], window_start: int) -> Used:

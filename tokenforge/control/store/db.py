@@ -6,8 +6,9 @@ where the guarded UPDATEs of limits.py are atomic row by row.
 """
 
 import logging
+import threading
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from importlib import resources
 from pathlib import Path
 
@@ -25,9 +26,15 @@ SQLITE_BUSY_TIMEOUT_S = 30
 READ_ONLY = "tokenforge_read_only"  # execution option of Store.reading()
 
 
-def dialect_insert(db: Session, table):
-    """INSERT of the session's dialect (SQLite or PostgreSQL), which knows ON CONFLICT."""
-    return (postgresql if db.get_bind().dialect.name == "postgresql" else sqlite).insert(table)
+def dialect_of(db: Session) -> str:
+    """"sqlite" or "postgresql"."""
+    return db.get_bind().dialect.name
+
+
+def dialect_insert(dialect: str, table):
+    """INSERT of `dialect`, which knows ON CONFLICT. Statements on the request path are built once
+    per dialect (functools.cache) with bind parameters: building one costs more than running it."""
+    return (postgresql if dialect == "postgresql" else sqlite).insert(table)
 
 
 def normalise_url(url: str) -> str:
@@ -70,6 +77,10 @@ class Store:
 
     def __init__(self, engine: Engine):
         self.engine = engine
+        # SQLite has one writer at a time: the threads of this process queue on a lock, which wakes
+        # the next one at once, instead of polling the file lock with sleeps (the busy timeout, still
+        # what other processes wait on).
+        self._writer_lock = threading.RLock() if self.dialect == "sqlite" else nullcontext()
         self._sessions = sessionmaker(engine, expire_on_commit=False)
         self._readers = sessionmaker(engine.execution_options(**{READ_ONLY: True}), expire_on_commit=False)
 
@@ -80,11 +91,16 @@ class Store:
     def transaction(self) -> AbstractContextManager[Session]:
         """A session in one transaction: committed on success, rolled back on error. A database that
         cannot be reached (or a statement it fails on operationally) raises StoreUnavailableError."""
-        return self._begin(self._sessions)
+        return self._write(self._sessions)
 
     def reading(self) -> AbstractContextManager[Session]:
         """A transaction that only reads (on SQLite it takes no write lock)."""
         return self._begin(self._readers)
+
+    @contextmanager
+    def _write(self, sessions: sessionmaker) -> Iterator[Session]:
+        with self._writer_lock, self._begin(sessions) as session:
+            yield session
 
     @contextmanager
     def _begin(self, sessions: sessionmaker) -> Iterator[Session]:
