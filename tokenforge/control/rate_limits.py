@@ -69,6 +69,9 @@ class RateLimitState:
 
 
 class RateLimiter(Protocol):
+    # True when hit(db=...) counts in db's transaction (and a rollback takes the counts back)
+    counts_in_transaction: bool
+
     def hit(self, allowances: Sequence[Allowance], num_requests: int, num_tokens: int,
             db: Session | None = None) -> RateLimitState:
         """Counts num_requests and num_tokens against every allowance, all or nothing: if any subject
@@ -202,6 +205,8 @@ class StoreRateLimiter(_WindowLimiter):
     (`... ON CONFLICT DO UPDATE ... WHERE num_requests + :n <= :limit AND num_tokens + :t <= :limit`);
     one that changes no row rolls the whole transaction back. Atomic under any concurrency, like limits.py."""
 
+    counts_in_transaction = True
+
     def __init__(self, store: Store, clock: Callable[[], float] = time.time, num_calls_per_prune: int = 1000):
         super().__init__(clock)
         self._store = store
@@ -317,6 +322,8 @@ class RedisRateLimiter(_WindowLimiter):
     """Counters in Redis, shared by every server process pointed at it: one Lua script checks and
     counts all subjects atomically. The window start (from each process's clock) is part of the key
     name, and a key expires a margin after its window ends. One Redis server, not a Cluster."""
+
+    counts_in_transaction = False
 
     def __init__(self, url: str, clock: Callable[[], float] = time.time, key_prefix: str = "tokenforge:rl:"):
         super().__init__(clock)

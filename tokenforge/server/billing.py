@@ -2,7 +2,8 @@
 limits (x-ratelimit-* headers, 429), the reservation before the engine runs (429
 insufficient_quota), and the request's one usage record, written in a shielded finally.
 
-Control-plane calls block on the store, so they run in worker threads.
+Key checks block on the store, so they run in worker threads; admissions and usage records are
+awaited from the store's writer (ControlPlane.writes), which commits many requests' writes at once.
 """
 
 import asyncio
@@ -70,8 +71,8 @@ class Billing:
     async def admit(self, request: Request, model: ModelFacts, endpoint: str, request_id: str,
                     num_prompt_tokens: int, max_completion_tokens: int) -> "Meter":
         """Reserves the request's worst case; the Meter it returns must be settled exactly once."""
-        admission = await asyncio.to_thread(self.plane.admit, request.state.principal, request_id, model, endpoint,
-                                            num_prompt_tokens, max_completion_tokens)
+        admission = await asyncio.wrap_future(self.plane.admit(request.state.principal, request_id, model, endpoint,
+                                                               num_prompt_tokens, max_completion_tokens))
         _remember(request, admission.rate_limit)
         return Meter(self, admission)
 
@@ -90,12 +91,12 @@ class Meter:
         if self._settled:
             return
         self._settled = True
-        if not await asyncio.shield(asyncio.to_thread(self._try_write, usage, status)):
+        if not await asyncio.shield(self._try_write(usage, status)):
             self.billing.retry_later(self._retry(usage, status))
 
-    def _try_write(self, usage: Usage, status: str) -> bool:
+    async def _try_write(self, usage: Usage, status: str) -> bool:
         try:
-            self.billing.plane.settle(self.admission.metered, usage, status)
+            await asyncio.wrap_future(self.billing.plane.settle(self.admission.metered, usage, status))
             return True
         except Exception:  # noqa: BLE001 - the store may be down for a while: retried by the caller
             logger.warning("recording the usage of request %s failed; retrying in the background",
@@ -109,7 +110,7 @@ class Meter:
         delay_s = SETTLE_FIRST_RETRY_S
         while time.monotonic() + delay_s < deadline:
             await asyncio.sleep(delay_s)
-            if await asyncio.to_thread(self._try_write, usage, status):
+            if await self._try_write(usage, status):
                 return
             delay_s = min(delay_s * 2, SETTLE_MAX_RETRY_S)
         logger.error("usage of request %s could not be recorded before its reservation expired",

@@ -75,7 +75,7 @@ def test_admit_reserves_the_worst_case_and_settle_writes_one_record(store):
     plane = make_plane(store)
     principal = plane.authenticate(make_key(plane, "acme"), "inference")
     assert plane.count_request(principal).remaining_requests == 599  # tier 1: 600 a minute
-    admission = plane.admit(principal, "req-1", SMALL_MODEL, "chat", 1_000, 2_000)
+    admission = plane.admit(principal, "req-1", SMALL_MODEL, "chat", 1_000, 2_000).result()
     metered = admission.metered
     assert metered.price == Price(input_micros=100_000, cached_input_micros=50_000, output_micros=100_000)
     assert (metered.request_id, metered.org_id, metered.key_id, metered.model, metered.endpoint) == (
@@ -84,8 +84,8 @@ def test_admit_reserves_the_worst_case_and_settle_writes_one_record(store):
     assert budget(plane, principal.org_id) == (50_000_000, 0, 300)
     assert admission.rate_limit.remaining_tokens == 1_000_000 - 3_000
     # 600 uncached x 0.10 + 400 cached x 0.05 + 150 out x 0.10 = 60 + 20 + 15 = 95 micros
-    assert plane.settle(metered, Usage(1_000, 400, 150), "ok") == 95
-    assert plane.settle(metered, Usage(1_000, 400, 150), "ok") is None
+    assert plane.settle(metered, Usage(1_000, 400, 150), "ok").result() == 95
+    assert plane.settle(metered, Usage(1_000, 400, 150), "ok").result() is None
     assert budget(plane, principal.org_id) == (50_000_000, 95, 0)
     with store.transaction() as db:
         assert db.scalars(select(UsageRecord.cost_micros)).all() == [95]
@@ -99,11 +99,11 @@ def test_admit_over_the_limit_is_refused(store):
         organizations.set_custom_limit(db, acme, 250, audit.CLI, plane.ladder)
     principal = plane.authenticate(key, "inference")
     with pytest.raises(QuotaExceededError):
-        plane.admit(principal, "req-1", SMALL_MODEL, "chat", 1_000, 2_000)  # 300 > 250 micros
+        plane.admit(principal, "req-1", SMALL_MODEL, "chat", 1_000, 2_000).result()  # 300 > 250 micros
     assert budget(plane, acme) == (250, 0, 0)
-    plane.admit(principal, "req-2", SMALL_MODEL, "chat", 1_000, 1_500)  # 250 micros: fits exactly
+    plane.admit(principal, "req-2", SMALL_MODEL, "chat", 1_000, 1_500).result()  # 250 micros: fits exactly
     with pytest.raises(QuotaExceededError):
-        plane.admit(principal, "req-3", SMALL_MODEL, "chat", 1, 0)  # 0.1 micros, rounded up to 1
+        plane.admit(principal, "req-3", SMALL_MODEL, "chat", 1, 0).result()  # 0.1 micros, rounded up to 1
     assert budget(plane, acme) == (250, 0, 250)
     with store.transaction() as db:
         assert db.scalars(select(Reservation.request_id)).all() == ["req-2"]
@@ -119,7 +119,8 @@ def test_unlimited_principals_have_no_rate_limits(store):
         assert principal.unlimited
         assert plane.count_request(principal) is None
         # 20M tokens: 20 times tier 1's tokens a minute, $2 at the default price.
-        admission = plane.admit(principal, f"req-{principal.org_id}", SMALL_MODEL, "chat", 10_000_000, 10_000_000)
+        admission = plane.admit(principal, f"req-{principal.org_id}", SMALL_MODEL, "chat", 10_000_000,
+                                10_000_000).result()
         assert admission.rate_limit is None
         assert budget(plane, principal.org_id) == (None, 0, 2_000_000)
     with store.transaction() as db:
