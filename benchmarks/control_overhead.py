@@ -194,6 +194,52 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
+# -- the control plane alone, in this process --
+
+def cost_per_request(database_url: str, tmp_dir: Path, num_requests: int) -> dict:
+    """Wall and CPU ms per request of each control-plane step (key check, admission, usage record),
+    one request after another on an otherwise idle store: what a request pays when nothing queues."""
+    import uuid
+
+    from tokenforge.config import ControlConfig
+    from tokenforge.control import audit, keys, organizations
+    from tokenforge.control.metering import Usage
+    from tokenforge.control.plane import ControlPlane
+    from tokenforge.control.pricing import ModelFacts
+
+    pricing = tmp_dir / "pricing.toml"
+    pricing.write_text(PRICING_TOML)
+    plane, _ = ControlPlane.open(ControlConfig(database_url=database_url, pricing_path=pricing, data_dir=tmp_dir))
+    try:
+        with plane.store.transaction() as db:
+            org = organizations.create_org(db, f"cost-{uuid.uuid4().hex[:8]}", audit.CLI, plane.ladder)
+            plaintext = keys.create_key(db, org.id, audit.CLI)[1]
+        model = ModelFacts(MODEL, 135_000_000)
+        steps = {
+            "authenticate": lambda i, state: state.update(principal=plane.authenticate(plaintext, "inference")),
+            "admit": lambda i, state: state.update(admission=plane.admit(
+                state["principal"], f"cost-{i}-{uuid.uuid4().hex}", model, "chat", 30, 8).result()),
+            "settle": lambda i, state: plane.settle(state["admission"].metered, Usage(30, 0, 8), "ok").result(),
+        }
+        wall = dict.fromkeys(steps, 0.0)
+        cpu = dict.fromkeys(steps, 0.0)
+        for i in range(num_requests + NUM_WARMUP_REQUESTS):
+            state = {}
+            for name, step in steps.items():
+                started_wall, started_cpu = time.perf_counter(), time.process_time()
+                step(i, state)
+                if i >= NUM_WARMUP_REQUESTS:
+                    wall[name] += time.perf_counter() - started_wall
+                    cpu[name] += time.process_time() - started_cpu
+    finally:
+        plane.close()
+    result = {f"{name}_ms": round(wall[name] / num_requests * 1e3, 3) for name in steps}
+    result |= {f"{name}_cpu_ms": round(cpu[name] / num_requests * 1e3, 3) for name in steps}
+    result["total_ms"] = round(sum(wall.values()) / num_requests * 1e3, 3)
+    result["total_cpu_ms"] = round(sum(cpu.values()) / num_requests * 1e3, 3)
+    return result
+
+
 # -- the run --
 
 def parse_args() -> argparse.Namespace:
@@ -208,6 +254,8 @@ def parse_args() -> argparse.Namespace:
                                                            "host=127.0.0.1 port=5432 user=postgres dbname=postgres"),
                         help="libpq DSN of a PostgreSQL server to create the benchmark's database on")
     parser.add_argument("--no-postgresql", action="store_true")
+    parser.add_argument("--num-cost-requests", type=int, default=500,
+                        help="requests for the in-process cost per request of each step (0: skip)")
     parser.add_argument("--notes", default="", help="recorded in the JSON (e.g. what else ran on the machine)")
     return parser.parse_args()
 
@@ -287,6 +335,11 @@ def main() -> None:
             results, latencies = run_all(args, servers)
             expected = (NUM_WARMUP_REQUESTS + args.num_reps * len(args.max_tokens) * args.num_requests)
             num_records = {s.config: count_usage_records(s.database_url) for s in servers if s.database_url}
+            costs = {}
+            if args.num_cost_requests:
+                for server in servers:
+                    if server.database_url is not None:
+                        costs[server.config] = cost_per_request(server.database_url, tmp_dir, args.num_cost_requests)
         except Exception:
             for server in servers:
                 print(f"--- {server.config} ---\n{(tmp_dir / f'{server.config}.log').read_text()[-2000:]}",
@@ -299,6 +352,10 @@ def main() -> None:
                 drop_pg_database(args.pg_dsn, pg[0])
     summary = summarize(results, latencies)
     print_table(summary)
+    for config, cost in costs.items():
+        print(f"{config}: per request, alone in this process: " + ", ".join(
+            f"{name} {cost[f'{name}_ms']:.2f} ms ({cost[f'{name}_cpu_ms']:.2f} CPU)"
+            for name in ("authenticate", "admit", "settle", "total")))
     info["config"] = {"model": MODEL, "device": "cpu", "dtype": "float32", "num_requests": args.num_requests,
                       "concurrency": args.concurrency, "max_tokens": args.max_tokens, "num_reps": args.num_reps,
                       "kv_cache_memory": args.kv_cache_memory, "num_warmup_requests": NUM_WARMUP_REQUESTS,
@@ -307,6 +364,7 @@ def main() -> None:
                       "pricing_toml": PRICING_TOML}
     info["usage_records"] = {"expected_per_store": expected, "found": num_records}
     info["summary"] = summary
+    info["cost_per_request_in_process"] = costs
     info["runs"] = [asdict(r) for r in results]
     info["after"] = busy_processes()
     info["notes"] = args.notes
