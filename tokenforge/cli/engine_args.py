@@ -4,8 +4,8 @@ import argparse
 import re
 from pathlib import Path
 
-from tokenforge.config import (DEFAULT_MODEL, SPECULATIVE_METHODS, CacheConfig, EngineConfig, ModelConfig,
-                               SchedulerConfig, SpeculativeConfig)
+from tokenforge.config import (DEFAULT_MODEL, QUANTIZATIONS, SPECULATIVE_METHODS, CacheConfig, EngineConfig,
+                               ModelConfig, SchedulerConfig, SpeculativeConfig)
 from tokenforge.errors import ConfigError
 from tokenforge.sampling_params import MAX_SPECULATIVE_TOKENS
 
@@ -22,7 +22,7 @@ def parse_bytes(text: str) -> int:
 
 
 # The engine options, by their argparse names; `tokenforge serve`'s config file uses the same keys.
-ENGINE_OPTIONS = ("model", "dtype", "device", "load_format", "max_model_len", "kv_cache_memory", "block_size",
+ENGINE_OPTIONS = ("model", "dtype", "quantization", "device", "load_format", "max_model_len", "kv_cache_memory", "block_size",
                   "no_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "max_num_waiting", "cache_dir",
                   "speculative_method", "num_speculative_tokens", "draft_model", "speculative_max_num_seqs")
 
@@ -36,6 +36,9 @@ def add_engine_args(parser: argparse.ArgumentParser, *, repeat_model: bool = Fal
     else:
         group.add_argument("--model", default=DEFAULT_MODEL, help=model_help)
     group.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
+    group.add_argument("--quantization", default=ModelConfig.quantization, choices=QUANTIZATIONS,
+                       help="CPU only: int8 (weight-only, per channel; activations stay in --dtype) or w8a8 "
+                            "(int8 weights and per-token int8 activations: faster, less exact)")
     group.add_argument("--device", default="auto", help="auto, cpu or cuda")
     group.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                        help="dummy: random weights of the model's shapes (speed tests)")
@@ -75,7 +78,8 @@ def engine_config_from_options(options: dict) -> EngineConfig:
         kv_cache_memory = parse_bytes(kv_cache_memory)
     cache_dir = None if options["cache_dir"] is None else Path(options["cache_dir"]).expanduser()
     return EngineConfig(
-        model=ModelConfig(model=options["model"], dtype=options["dtype"], device=options["device"],
+        model=ModelConfig(model=options["model"], dtype=options["dtype"],
+                          quantization=options.get("quantization", ModelConfig.quantization), device=options["device"],
                           load_format=options["load_format"], max_model_len=options["max_model_len"],
                           cache_dir=cache_dir),
         cache=CacheConfig(block_size=options["block_size"], kv_cache_memory_bytes=kv_cache_memory,

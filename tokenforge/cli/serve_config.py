@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tokenforge.cli.engine_args import (ENGINE_OPTIONS, engine_config_from_options, engine_options_from_args,
                                         parse_bytes)
-from tokenforge.config import DEFAULT_MODEL, SPECULATIVE_METHODS, EngineConfig
+from tokenforge.config import DEFAULT_MODEL, QUANTIZATIONS, SPECULATIVE_METHODS, EngineConfig
 from tokenforge.errors import ConfigError
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -27,7 +27,8 @@ _KEY_TYPES: dict[str, tuple[type, ...]] = {
     "speculative_max_num_seqs": (int,),
 }
 _TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false"}
-_CHOICES = {"log_level": LOG_LEVELS, "load_format": ("auto", "dummy"), "speculative_method": SPECULATIVE_METHODS}
+_CHOICES = {"log_level": LOG_LEVELS, "load_format": ("auto", "dummy"), "speculative_method": SPECULATIVE_METHODS,
+            "quantization": QUANTIZATIONS}
 # `model` and `served_name` name one model: only in a [[models]] table.
 TOP_LEVEL_KEYS = frozenset({*SERVER_KEYS, "models", *ENGINE_OPTIONS} - {"model"})
 MODEL_KEYS = frozenset({"served_name", *ENGINE_OPTIONS})

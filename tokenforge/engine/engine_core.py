@@ -51,7 +51,7 @@ class EngineCore:
         self.runner = ModelRunner(loaded.model, self.arch, num_blocks, block_size, dtype, device)
         self.spec = _build_spec_controller(config, loaded, draft, num_blocks, dtype, device, self.max_model_len)
         # Parameters of the loaded weights (tied embeddings once): what the price book buckets by.
-        self.num_params = sum(p.numel() for p in loaded.model.parameters())
+        self.num_params = loaded.num_params
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
         self.num_steps = 0
 

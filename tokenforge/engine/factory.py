@@ -11,6 +11,7 @@ from tokenforge.config import EngineConfig, ModelConfig, default_cache_dir
 from tokenforge.engine.engine_core import EngineCore
 from tokenforge.errors import ConfigError, InvalidRequestError
 from tokenforge.model.catalog import shape_config
+from tokenforge.model.layers.quant_linear import quantize_model
 from tokenforge.model.loader import LoadedModel, load_model
 from tokenforge.model.pull import resolve_model
 
@@ -48,8 +49,14 @@ def load(mc: ModelConfig) -> tuple[LoadedModel, torch.dtype, torch.device]:
     path = None if dummy_config is not None else resolve_model(mc.model, cache_dir)
     loaded = load_model(path, dtype, device, dummy_config=dummy_config, load_format=mc.load_format,
                         seed=mc.seed, cache_dir=cache_dir)
-    logger.info("loaded %s (%s, %.0fM parameters, %s on %s) in %.1f s", mc.model, loaded.arch_config.architecture,
-                loaded.arch_config.num_params / 1e6, dtype, device, time.monotonic() - started)
+    if mc.quantization != "none":
+        if device.type != "cpu":
+            raise ConfigError(f"--quantization {mc.quantization} runs on the CPU only (device is {device})")
+        with torch.no_grad():
+            quantize_model(loaded.model, mc.quantization)
+    logger.info("loaded %s (%s, %.0fM parameters, %s%s on %s) in %.1f s", mc.model, loaded.arch_config.architecture,
+                loaded.num_params / 1e6, dtype, "" if mc.quantization == "none" else f", {mc.quantization} weights",
+                device, time.monotonic() - started)
     return loaded, dtype, device
 
 

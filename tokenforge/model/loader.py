@@ -27,6 +27,11 @@ class LoadedModel:
     arch_config: ArchConfig
     tokenizer: object | None  # a transformers tokenizer; None for shape-only dummy models
     path: Path | None
+    num_params: int = 0  # of the weights as loaded (before any quantization): what pricing buckets by
+
+    def __post_init__(self):
+        if not self.num_params and self.model is not None:
+            self.num_params = sum(p.numel() for p in self.model.parameters())
 
 
 def build_model(arch_config: ArchConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:

@@ -1,0 +1,80 @@
+"""Quantized linear layers: int8 codes within half a step of the weights, the layers equal to a
+matmul with their dequantized weights (chunked or not, with bias, any leading shape), w8a8 within
+its activation rounding, and quantize_model replacing every linear and a tied head."""
+
+import pytest
+import torch
+from torch import nn
+
+from tokenforge.model.layers.quant_linear import Int8Linear, W8A8Linear, quantize_model, quantize_rows
+
+
+def make_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(out_features, in_features, generator=generator) * 0.05
+    weight[0, 3] = 1.5  # an outlier: its row's scale is larger, the other rows' are not
+    return weight
+
+
+def test_int8_codes_round_to_within_half_a_step():
+    weight = make_weight(64, 96)
+    codes, scales = quantize_rows(weight)
+    assert codes.dtype == torch.int8 and scales.shape == (64, 1)
+    assert codes.abs().max() == 127
+    assert ((codes.float() * scales - weight).abs() <= scales / 2 + 1e-7).all()
+    assert scales[0] > 5 * scales[1:].max()  # the outlier widens its own row only
+
+
+@pytest.mark.parametrize("out_features", [48, 5000])  # one slice, and several slices of CHUNK_ELEMENTS
+@pytest.mark.parametrize("bias", [False, True])
+def test_int8_linear_equals_a_matmul_with_its_dequantized_weight(out_features, bias):
+    weight = make_weight(out_features, 576)
+    b = torch.randn(out_features) if bias else None
+    layer = Int8Linear(weight, b)
+    if out_features == 5000:
+        assert layer.chunk_rows < out_features
+    codes, scales = quantize_rows(weight)
+    x = torch.randn(2, 3, 576)
+    expected = x @ (codes.float() * scales).T + (b if bias else 0)
+    out = layer(x)
+    assert out.shape == (2, 3, out_features)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    exact = (x @ weight.T + (b if bias else 0))[..., 1:]  # row 0, with its outlier, has coarse steps
+    assert (out[..., 1:] - exact).norm() / exact.norm() < 0.01  # and close to the fp32 layer
+
+
+def test_w8a8_linear_is_within_its_activation_rounding():
+    weight = make_weight(256, 576)
+    layer = W8A8Linear(weight, None)
+    codes, scales = quantize_rows(weight)
+    x = torch.randn(5, 576)
+    x_scales = x.abs().amax(dim=1, keepdim=True) / 127
+    x_rounded = torch.round(x / x_scales) * x_scales
+    torch.testing.assert_close(layer(x), x_rounded @ (codes.float() * scales).T, rtol=1e-4, atol=1e-4)
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(100, 64)
+        self.block = nn.Sequential(nn.Linear(64, 128), nn.SiLU(), nn.Linear(128, 64, bias=False))
+        self.lm_head = None  # tied to embed_tokens
+
+
+@pytest.mark.parametrize("method", ["int8", "w8a8"])
+def test_quantize_model_replaces_every_linear_and_the_tied_head(method):
+    model = Tiny()
+    embedding = model.embed_tokens.weight.detach().clone()
+    assert quantize_model(model, method) == 3
+    kind = Int8Linear if method == "int8" else W8A8Linear
+    assert isinstance(model.block[0], kind) and isinstance(model.block[2], kind) and isinstance(model.lm_head, kind)
+    assert model.block[0].bias is not None and model.block[2].bias is None
+    assert torch.equal(model.embed_tokens.weight, embedding)  # the lookup table stays as it was
+    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+
+
+def test_quantize_model_none_and_unknown():
+    model = Tiny()
+    assert quantize_model(model, "none") == 0 and isinstance(model.block[0], nn.Linear)
+    with pytest.raises(ValueError, match="unknown quantization"):
+        quantize_model(model, "int3")

@@ -1,0 +1,50 @@
+"""Perplexity of a loaded model on a text: how much a change to the weights (quantization) costs in
+quality. The text is cut into windows of `window` tokens, each run as one prefill over a paged KV
+cache of its own (the engine's attention path); every token after a window's first is predicted.
+"""
+
+import math
+from importlib import resources
+
+import torch
+
+from tokenforge.model.layers.attention import AttentionMetadata
+
+BLOCK_SIZE = 16
+
+
+def fixed_text() -> str:
+    """The text the quality checks use (tokenforge/bench/perplexity.txt, written for this purpose)."""
+    return resources.files("tokenforge.bench").joinpath("perplexity.txt").read_text(encoding="utf-8")
+
+
+@torch.inference_mode()
+def perplexity(model: torch.nn.Module, token_ids: list[int], window: int = 512) -> float:
+    """exp(mean negative log-likelihood) of `token_ids` under `model` (a LlamaForCausalLM)."""
+    total_nll, num_predicted = 0.0, 0
+    for start in range(0, len(token_ids) - 1, window):
+        chunk = token_ids[start:start + window]
+        if len(chunk) < 2:
+            break
+        logits = _prefill_logits(model, chunk)
+        targets = torch.tensor(chunk[1:])
+        total_nll += torch.nn.functional.cross_entropy(logits[:-1].float(), targets, reduction="sum").item()
+        num_predicted += len(chunk) - 1
+    return math.exp(total_nll / num_predicted)
+
+
+def _prefill_logits(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
+    """Logits [len(token_ids), vocab] of one sequence run as a single prefill."""
+    config = model.config
+    num_tokens = len(token_ids)
+    num_blocks = math.ceil(num_tokens / BLOCK_SIZE)
+    dtype = model.embed_tokens.weight.dtype
+    kv_caches = torch.zeros(config.num_layers, num_blocks, BLOCK_SIZE, 2, config.num_kv_heads, config.head_dim,
+                            dtype=dtype)
+    meta = AttentionMetadata(
+        slot_mapping=torch.arange(num_tokens), num_decodes=0,
+        decode_block_tables=torch.zeros(0, 1, dtype=torch.long),
+        decode_mask=torch.zeros(0, 1, 1, BLOCK_SIZE, dtype=torch.bool),
+        prefills=[(0, num_tokens, num_tokens)], prefill_block_ids=[torch.arange(num_blocks)])
+    hidden = model(torch.tensor(token_ids), torch.arange(num_tokens), kv_caches, meta)
+    return model.compute_logits(hidden)
