@@ -1,13 +1,17 @@
-"""Quantized linear layers for the CPU, where decoding a few sequences is bound by how many bytes
-of weights a step reads from memory.
+"""int8 linear layers for the CPU, where decoding a few sequences is bound by how many bytes of
+weights a step reads from memory: the weights are stored as int8 codes with one scale per output
+channel (a quarter of fp32's bytes) and multiplied by torch._int_mm (int8 x int8 -> int32, MKL's
+integer GEMM) without ever being dequantized.
 
-- int8 (weight-only): int8 weights with one scale per output channel, dequantized to the model's
-  dtype a slice at a time (CHUNK_ELEMENTS, a size that stays in the CPU's cache) right before MKL's
-  fp32 matmul reads it: a quarter of the memory traffic of fp32 weights, the activations untouched.
-  (PyTorch's own packed int8/int4 CPU kernels, aten._weight_int8pack_mm and
-  _weight_int4pack_mm_for_cpu, were 1.5x-30x slower than fp32 on an AVX2 CPU, measured.)
-- w8a8: the same int8 weights times int8 activations quantized per token on the fly, accumulated in
-  int32 by torch._int_mm (about 4x fp32's speed at 64 rows) at some cost in quality.
+The activations are quantized per token on the fly, symmetrically, into int8 "digits":
+- int8: two digits, x / scale = hi + lo / 254 with hi, lo in [-127, 127], both multiplied in one
+  _int_mm of twice the rows (at a few rows the weights are read once either way). The activation
+  keeps about 15 bits, so the result is that of int8 weights alone (weight-only quality).
+- w8a8: one digit (x / scale rounded): half the integer work, at some cost in quality.
+
+(PyTorch's packed weight-only kernels, aten._weight_int8pack_mm and _weight_int4pack_mm_for_cpu,
+were 1.5x-30x slower than fp32 MKL on an AVX2 CPU, measured; dequantizing slices to fp32 before an
+fp32 matmul was 2.3x slower than two-digit _int_mm at one row.)
 
 quantize_model(model, method) replaces every nn.Linear of a loaded model in place, and gives a model
 whose output head is tied to its embedding a quantized copy to compute logits with (the embedding
@@ -15,12 +19,11 @@ itself stays as it is: a lookup reads only the rows it needs).
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tokenforge.config import QUANTIZATIONS
 
-CHUNK_ELEMENTS = 1024 * 576  # weights dequantized at once: 2.25 MiB in fp32, cache-sized
+LOW_DIGIT = 254  # x / scale = hi + lo / LOW_DIGIT: lo carries the rounding error of hi, |error| <= 0.5
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,56 +34,40 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation_digits: int = 2):
         super().__init__()
+        if activation_digits not in (1, 2):
+            raise ValueError(f"activation_digits must be 1 or 2, not {activation_digits}")
         self.out_features, self.in_features = weight.shape
+        self.activation_digits = activation_digits
         codes, scales = quantize_rows(weight)
-        self.register_buffer("weight", codes)
-        self.register_buffer("scales", scales)
-        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        self.chunk_rows = max(1, CHUNK_ELEMENTS // self.in_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        if self.out_features <= self.chunk_rows:
-            out = F.linear(rows, self.dequantized(0, self.out_features, x.dtype))
-        else:
-            out = torch.empty(rows.shape[0], self.out_features, dtype=x.dtype, device=x.device)
-            for start in range(0, self.out_features, self.chunk_rows):
-                end = min(start + self.chunk_rows, self.out_features)
-                torch.mm(rows, self.dequantized(start, end, x.dtype).t(), out=out[:, start:end])
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
-
-    def dequantized(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
-        """Rows [start, end) of the weight in `dtype` (convert, then scale in place: two fast passes)."""
-        return self.weight[start:end].to(dtype).mul_(self.scales[start:end].to(dtype))
-
-
-class W8A8Linear(nn.Module):
-    """int8 weights (per output channel) times int8 activations (per token, quantized on the fly),
-    accumulated in int32 by torch._int_mm, then rescaled."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape
-        codes, scales = quantize_rows(weight)
-        self.register_buffer("weight", codes)  # used as its transpose [in, out]: what _int_mm reads fastest
+        self.register_buffer("weight", codes)  # read as its transpose [in, out], the layout _int_mm reads fastest
         self.register_buffer("scales", scales.view(1, -1))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        num_rows = rows.shape[0]
         x_scales = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
-        codes = torch.round(rows / x_scales).to(torch.int8)
-        out = torch._int_mm(codes, self.weight.t()).to(x.dtype) * (x_scales * self.scales)
+        scaled = rows / x_scales
+        high = torch.round(scaled)
+        if self.activation_digits == 1:
+            out = torch._int_mm(high.to(torch.int8), self.weight.t()).to(x.dtype)
+        else:
+            low = torch.round((scaled - high) * LOW_DIGIT)
+            both = torch._int_mm(torch.cat([high, low]).to(torch.int8), self.weight.t()).to(x.dtype)
+            out = torch.add(both[:num_rows], both[num_rows:], alpha=1 / LOW_DIGIT)
+        out = out * (x_scales * self.scales)
         if self.bias is not None:
             out = out + self.bias
         return out.reshape(*x.shape[:-1], self.out_features)
 
 
-_LAYERS = {"int8": Int8Linear, "w8a8": W8A8Linear}
+def w8a8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
+    return Int8Linear(weight, bias, activation_digits=1)
+
+
+_LAYERS = {"int8": Int8Linear, "w8a8": w8a8_linear}
 
 
 def quantize_model(model: nn.Module, method: str) -> int:
