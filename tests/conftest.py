@@ -14,10 +14,11 @@ def smollm2_path():
 
 @pytest.fixture(scope="session")
 def smollm2_loaded(smollm2_path):
-    """(LoadedModel, dtype, device) of SmolLM2 in fp32 on the CPU, shared by integration tests."""
+    """(LoadedModel, dtype, device) of SmolLM2 in fp32 on the CPU (linear layers too: the parity
+    tests compare with transformers), shared by integration tests."""
     from tokenforge.engine.factory import load
 
-    return load(ModelConfig(model=str(smollm2_path), dtype="float32", device="cpu"))
+    return load(ModelConfig(model=str(smollm2_path), dtype="float32", device="cpu", quantization="none"))
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

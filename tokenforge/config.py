@@ -17,7 +17,9 @@ def default_cache_dir() -> Path:
 class ModelConfig:
     model: str = DEFAULT_MODEL  # catalog name, GGUF file, HF directory or HF repo id
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on GPU)
-    quantization: str = "none"  # none | int8 (weight-only) | w8a8: CPU only (model.layers.quant_linear)
+    # auto | none | int8 | w8a8 (model.layers.quant_linear; CPU only). auto: int8 on the CPU for a
+    # checkpoint that is quantized already (a Q4/Q5/Q8/K-quant GGUF), else none.
+    quantization: str = "auto"
     load_format: str = "auto"  # auto | dummy (random weights of the model's shapes)
     max_model_len: int | None = None  # None: the model's own context length
     device: str = "auto"  # auto | cpu | cuda
@@ -43,7 +45,7 @@ class SchedulerConfig:
 
 
 SPECULATIVE_METHODS = ("ngram", "draft")
-QUANTIZATIONS = ("none", "int8", "w8a8")
+QUANTIZATIONS = ("auto", "none", "int8", "w8a8")
 
 
 @dataclass(frozen=True)

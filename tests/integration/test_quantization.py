@@ -1,12 +1,17 @@
-"""Quantized SmolLM2 on the fixed text (tokenforge/bench/perplexity.txt): int8 weights keep the
-perplexity within 1% of fp32 (issue 5's bar), w8a8 within 5% (it also rounds activations: the
-figure is stated in docs/benchmarks.md); and a quantized engine generates through the whole stack."""
+"""Quantized SmolLM2 on the fixed text (tokenforge/bench/perplexity.txt): int8 keeps the perplexity
+within 1% of fp32 (issue 5's bar), w8a8 within 5% (it also rounds activations: the figure is stated
+in docs/benchmarks.md); a quantized engine generates through the whole stack; and "auto" picks int8
+for an already quantized GGUF on the CPU only."""
+
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from tokenforge.bench.perplexity import fixed_text, perplexity
 from tokenforge.config import ModelConfig
-from tokenforge.engine.factory import load
+from tokenforge.engine.factory import load, pick_quantization
+from tokenforge.errors import ConfigError
 from tokenforge.engine.llm import LLM
 from tokenforge.model.layers.quant_linear import Int8Linear
 from tokenforge.sampling_params import SamplingParams
@@ -35,3 +40,15 @@ def test_an_int8_engine_generates_and_prices_by_the_loaded_parameters(smollm2_pa
                        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     assert [len(o.outputs[0].token_ids) for o in out] == [12, 12]
     assert "Paris" in out[0].outputs[0].text
+
+
+def test_auto_quantizes_an_already_quantized_gguf_on_the_cpu_only(smollm2_path):
+    loaded, _, _ = load(ModelConfig(model=str(smollm2_path), device="cpu"))  # quantization="auto"
+    assert loaded.quantized_source  # the pulled file is Q4_1
+    assert any(isinstance(m, Int8Linear) and m.activation_digits == 2 for m in loaded.model.modules())
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert pick_quantization("auto", cuda, loaded) == "none"
+    assert pick_quantization("auto", cpu, SimpleNamespace(quantized_source=False)) == "none"  # fp16/fp32 files
+    assert pick_quantization("w8a8", cpu, loaded) == "w8a8"
+    with pytest.raises(ConfigError, match="CPU only"):
+        pick_quantization("int8", cuda, loaded)

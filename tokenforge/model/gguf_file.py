@@ -83,6 +83,13 @@ class TensorEntry:
     shape: list[int]  # shape of the raw data
 
 
+def is_quantized(entries: list[TensorEntry]) -> bool:
+    """Whether any tensor is stored in quantized blocks (anything but F32, F16 and BF16)."""
+    from gguf import GGMLQuantizationType as Type
+
+    return any(entry.tensor_type not in (Type.F32, Type.F16, Type.BF16) for entry in entries)
+
+
 def tensor_entries(reader) -> list[TensorEntry]:
     return [TensorEntry(t.name, int(t.tensor_type), int(t.data_offset), t.data.dtype.str, list(t.data.shape))
             for t in reader.tensors]

@@ -28,6 +28,7 @@ class LoadedModel:
     tokenizer: object | None  # a transformers tokenizer; None for shape-only dummy models
     path: Path | None
     num_params: int = 0  # of the weights as loaded (before any quantization): what pricing buckets by
+    quantized_source: bool = False  # the checkpoint stores quantized blocks (a Q4_0 ... Q8_0 or K-quant GGUF)
 
     def __post_init__(self):
         if not self.num_params and self.model is not None:
@@ -105,7 +106,7 @@ def load_model(path: Path | None, dtype: torch.dtype, device: torch.device, *,
         with torch.no_grad():
             load_weights(model, gguf_file.iter_entries(entries, path), "gguf", permute_qk=permute)
     tokenizer = gguf_file.load_tokenizer(path, cache_dir)
-    return LoadedModel(model, arch_config, tokenizer, path)
+    return LoadedModel(model, arch_config, tokenizer, path, quantized_source=gguf_file.is_quantized(entries))
 
 
 def _load_hf_dir(path: Path, dtype, device, load_format: str, seed: int) -> LoadedModel:

@@ -72,8 +72,8 @@ _LAYERS = {"int8": Int8Linear, "w8a8": w8a8_linear}
 
 def quantize_model(model: nn.Module, method: str) -> int:
     """Replaces the model's nn.Linear layers (and its tied output head) with `method`'s; returns
-    how many layers it quantized. "none" changes nothing."""
-    if method not in QUANTIZATIONS:
+    how many layers it quantized. "none" changes nothing ("auto" is resolved by the caller)."""
+    if method not in QUANTIZATIONS or method == "auto":
         raise ValueError(f"unknown quantization {method!r} (choose from {', '.join(QUANTIZATIONS)})")
     if method == "none":
         return 0
