@@ -1,6 +1,7 @@
 """AsyncEngine on the real model: concurrent streams, abort frees blocks, a dead loop fails fast."""
 
 import asyncio
+import threading
 
 import pytest
 
@@ -163,3 +164,32 @@ def test_queue_bound(smollm2_loaded):
         assert len(rejected) == 2 and len(served) == 2
     finally:
         engine.shutdown()
+
+
+def test_build_loads_and_steps_in_the_engine_thread(smollm2_loaded):
+    tokenizer = smollm2_loaded[0].tokenizer
+    token_ids = tokenizer.encode(PROMPTS[0])
+    expected = make_llm(smollm2_loaded).generate([token_ids], GREEDY)[0].outputs[0].token_ids
+    builder_threads = []
+
+    def build():
+        builder_threads.append(threading.current_thread())
+        return make_engine_core(smollm2_loaded)
+
+    engine = AsyncEngine.build(build)
+    try:
+        assert builder_threads == [engine._thread] and engine._thread is not threading.current_thread()
+        assert engine.is_healthy
+        deltas = asyncio.run(collect(engine, "built", token_ids))
+        assert [t for d in deltas for t in d.new_token_ids] == expected
+    finally:
+        engine.shutdown()
+    assert not engine._thread.is_alive()
+
+
+def test_build_raises_what_loading_raised():
+    def build():
+        raise InvalidRequestError("no such model")
+
+    with pytest.raises(InvalidRequestError, match="no such model"):
+        AsyncEngine.build(build)

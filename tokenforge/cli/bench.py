@@ -97,7 +97,8 @@ async def _run_offline(args: argparse.Namespace, config) -> list[dict]:
     from tokenforge.engine.async_engine import AsyncEngine
     from tokenforge.engine.factory import build_engine_core
 
-    engine = AsyncEngine(build_engine_core(engine_config_from_args(args))).start()
+    engine_config = engine_config_from_args(args)
+    engine = AsyncEngine.build(lambda: build_engine_core(engine_config))
     try:
         client = OfflineClient(engine, config.max_tokens, ignore_eos=args.ignore_eos)
         # The engine runs in this process: its CPU is the client's, not another process's.

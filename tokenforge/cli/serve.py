@@ -3,6 +3,7 @@ routing each request by its `model` field. Models come from repeated --model or 
 """
 
 import argparse
+import functools
 import logging
 from pathlib import Path
 
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         for model in config.models:
             with console.status(f"Loading {model.engine.model.model} ..."):
-                engines[model.served_name] = AsyncEngine(build_engine_core(model.engine)).start()
+                engines[model.served_name] = AsyncEngine.build(functools.partial(build_engine_core, model.engine))
         for name, engine in engines.items():
             console.print(f"Serving [bold]{name}[/bold] at http://{config.host}:{config.port}/v1 "
                           f"(context {engine.core.max_model_len} tokens)")

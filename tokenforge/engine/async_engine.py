@@ -12,7 +12,8 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from tokenforge.engine.engine_core import EngineCore
@@ -55,6 +56,27 @@ class AsyncEngine:
     def start(self) -> "AsyncEngine":
         self._thread.start()
         return self
+
+    @classmethod
+    def build(cls, build_core: Callable[[], EngineCore]) -> "AsyncEngine":
+        """An engine whose core is built (loaded) in the engine's own thread, which then runs it;
+        raises what building raised. Prefer it to AsyncEngine(core).start() on a CPU: libgomp stops
+        its worker threads' spin-waiting once more threads have used OpenMP than there are CPUs
+        (the loading thread's team counts too), and small steps then run ~40% slower."""
+        built: Future[AsyncEngine] = Future()
+
+        def load_and_run() -> None:
+            try:
+                engine = cls(build_core())
+            except BaseException as exc:  # noqa: BLE001 - the caller raises it
+                built.set_exception(exc)
+                return
+            engine._thread = threading.current_thread()
+            built.set_result(engine)
+            engine._run()
+
+        threading.Thread(target=load_and_run, name="tokenforge-engine", daemon=True).start()
+        return built.result()
 
     @property
     def is_healthy(self) -> bool:
