@@ -8,7 +8,7 @@ from importlib import resources
 
 import torch
 
-from tokenforge.model.layers.attention import AttentionMetadata
+from tokenforge.worker.batch import SequenceChunk, build_batch
 
 BLOCK_SIZE = 16
 
@@ -36,15 +36,11 @@ def perplexity(model: torch.nn.Module, token_ids: list[int], window: int = 512) 
 def _prefill_logits(model: torch.nn.Module, token_ids: list[int]) -> torch.Tensor:
     """Logits [len(token_ids), vocab] of one sequence run as a single prefill."""
     config = model.config
-    num_tokens = len(token_ids)
-    num_blocks = math.ceil(num_tokens / BLOCK_SIZE)
-    dtype = model.embed_tokens.weight.dtype
+    num_blocks = math.ceil(len(token_ids) / BLOCK_SIZE)
+    weight = model.embed_tokens.weight
     kv_caches = torch.zeros(config.num_layers, num_blocks, BLOCK_SIZE, 2, config.num_kv_heads, config.head_dim,
-                            dtype=dtype)
-    meta = AttentionMetadata(
-        slot_mapping=torch.arange(num_tokens), num_decodes=0,
-        decode_block_tables=torch.zeros(0, 1, dtype=torch.long),
-        decode_mask=torch.zeros(0, 1, 1, BLOCK_SIZE, dtype=torch.bool),
-        prefills=[(0, num_tokens, num_tokens)], prefill_block_ids=[torch.arange(num_blocks)])
-    hidden = model(torch.tensor(token_ids), torch.arange(num_tokens), kv_caches, meta)
-    return model.compute_logits(hidden)
+                            dtype=weight.dtype, device=weight.device)
+    chunk = SequenceChunk(token_ids, start=0, block_ids=list(range(num_blocks)), num_logits=len(token_ids))
+    batch = build_batch([chunk], BLOCK_SIZE, weight.device)
+    hidden = model(batch.input_ids, batch.positions, kv_caches, batch.meta)
+    return model.compute_logits(hidden[batch.logits_indices])

@@ -22,9 +22,9 @@ def parse_bytes(text: str) -> int:
 
 
 # The engine options, by their argparse names; `tokenforge serve`'s config file uses the same keys.
-ENGINE_OPTIONS = ("model", "dtype", "quantization", "device", "load_format", "max_model_len", "kv_cache_memory", "block_size",
-                  "no_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "max_num_waiting", "cache_dir",
-                  "speculative_method", "num_speculative_tokens", "draft_model", "speculative_max_num_seqs")
+ENGINE_OPTIONS = ("model", "dtype", "quantization", "device", "load_format", "max_model_len", "kv_cache_memory",
+                  "block_size", "no_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "max_num_waiting",
+                  "cache_dir", "speculative_method", "num_speculative_tokens", "draft_model", "speculative_max_num_seqs")
 
 
 def add_engine_args(parser: argparse.ArgumentParser, *, repeat_model: bool = False) -> None:

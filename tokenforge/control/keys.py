@@ -28,8 +28,8 @@ SCOPES = frozenset({"inference", "admin"})
 
 # Every request's lookup, built once: the key by its prefix, with what its principal needs of its org.
 _keys, _orgs = ApiKey.__table__.c, Organization.__table__.c
-_FIND_KEY = (select(_keys.id, _keys.key_hash, _keys.scopes, _keys.expires_at, _keys.revoked_at, _keys.org_id,
-                    _orgs.is_operator, _orgs.unlimited, _orgs.tier_index, _orgs.custom_limit_micros)
+_FIND_KEY = (select(_keys.id.label("key_id"), _keys.key_hash, _keys.scopes, _keys.expires_at, _keys.revoked_at,
+                    _orgs.id, _orgs.is_operator, _orgs.unlimited, _orgs.tier_index, _orgs.custom_limit_micros)
              .join_from(ApiKey.__table__, Organization.__table__, _keys.org_id == _orgs.id)
              .where(_keys.prefix == bindparam("prefix")))
 
@@ -124,12 +124,12 @@ def authenticate(db: Session, presented: str | None) -> Principal:
         raise AuthenticationError("This API key has been revoked.")
     if row.expires_at is not None and row.expires_at <= now:
         raise AuthenticationError("This API key has expired.")
-    return principal_of(row.org_id, row, row.id, frozenset(row.scopes.split()))
+    return principal_of(row, row.key_id, frozenset(row.scopes.split()))
 
 
-def principal_of(org_id: str, org, key_id: str | None, scopes: frozenset[str]) -> Principal:
-    """`org`: the Organization, or a row with its limit columns."""
-    return Principal(org_id=org_id, key_id=key_id, scopes=scopes, is_operator=org.is_operator,
+def principal_of(org, key_id: str | None, scopes: frozenset[str]) -> Principal:
+    """`org`: the Organization, or a row with its id and limit columns."""
+    return Principal(org_id=org.id, key_id=key_id, scopes=scopes, is_operator=org.is_operator,
                      unlimited=org.unlimited, tier_index=org.tier_index, custom_limit_micros=org.custom_limit_micros)
 
 

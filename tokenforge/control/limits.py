@@ -30,7 +30,8 @@ _RESERVE = (update(Budget.__table__)
 _HOLD = insert(Reservation.__table__)  # VALUES from the parameters' names
 _UNHOLD = (delete(Reservation.__table__).where(_reservations.request_id == bindparam("request_id"))
            .returning(_reservations.amount_micros))
-_SPEND = (update(Budget.__table__).where(_budgets.org_id == bindparam("of_org"), _budgets.month == bindparam("of_month"))
+_SPEND = (update(Budget.__table__)
+          .where(_budgets.org_id == bindparam("of_org"), _budgets.month == bindparam("of_month"))
           .values(spent_micros=_budgets.spent_micros + bindparam("cost"),
                   reserved_micros=_budgets.reserved_micros - bindparam("held"))
           .returning(_budgets.spent_micros, _budgets.limit_micros, _budgets.alert_percent))
@@ -94,7 +95,8 @@ def settle(db: Session, org_id: str, request_id: str, month: str, cost_micros: i
             db.execute(update(Budget).where(Budget.org_id == org_id, Budget.month == month)
                        .values(reserved_micros=Budget.reserved_micros - held))
         held = 0
-    budget = db.execute(_SPEND, {"of_org": org_id, "of_month": spend_month, "cost": cost_micros, "held": held}).first()
+    budget = db.execute(_SPEND, {"of_org": org_id, "of_month": spend_month, "cost": cost_micros,
+                                 "held": held}).first()
     if cost_micros and budget is not None:
         _maybe_alert(db, org_id, spend_month, budget)
 

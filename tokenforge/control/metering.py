@@ -68,8 +68,8 @@ def write_usage(db: Session, req: MeteredRequest, usage: Usage, status: str,
 
 @functools.cache
 def _record_statement(dialect: str):
-    # VALUES from the parameters' names
-    return (dialect_insert(dialect, UsageRecord.__table__).on_conflict_do_nothing(index_elements=["request_id"]).returning(UsageRecord.__table__.c.id))
+    table = UsageRecord.__table__  # VALUES from the parameters' names
+    return dialect_insert(dialect, table).on_conflict_do_nothing(index_elements=["request_id"]).returning(table.c.id)
 
 
 @functools.cache

@@ -134,7 +134,7 @@ def ensure_local(db: Session, ladder: TierLadder) -> keys.Principal:
                 org = create_org(db, LOCAL_NAME, audit.SYSTEM, ladder, unlimited=True)
         except IntegrityError:
             org = find_by_name(db, LOCAL_NAME)
-    return keys.principal_of(org.id, org, None, frozenset({"inference"}))
+    return keys.principal_of(org, None, frozenset({"inference"}))
 
 
 def delete_org_data(db: Session, org_id: str, actor: str) -> dict[str, int]:
