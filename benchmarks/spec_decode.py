@@ -1,20 +1,27 @@
 """Speculative decoding: single-stream decode tokens/s with and without speculation (n-gram
 lookup, a draft model), on the same prompts, interleaved in one run, plus a high-batch run that
-checks the switch-off. Greedy, fp32: the outputs must be identical. Writes JSON to
-benchmarks/results/.
+checks the switch-off. Greedy; the target as `tokenforge serve` loads it (--quantization auto: int8
+on the CPU for a quantized GGUF), the draft with --draft-quantization (auto: w8a8 on the CPU): the
+outputs must be identical. Writes JSON to benchmarks/results/.
 """
 
 import argparse
 import dataclasses
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
+from llama_cpp import default_cache_dir, ensure_llama_cpp
+from spec_llama_cpp import bench_llama_cpp
 from throughput import git_info, machine_info, write_result
 from tokenforge.config import CacheConfig, EngineConfig, ModelConfig, SpeculativeConfig
+from tokenforge.config import default_cache_dir as tokenforge_cache_dir
 from tokenforge.engine.engine_core import EngineCore
-from tokenforge.engine.factory import load
+from tokenforge.engine.factory import load, load_draft
 from tokenforge.engine.llm import LLM
+from tokenforge.model.pull import resolve_model
 from tokenforge.sampling_params import SamplingParams
 
 MERGE = '''def merge_sorted(a, b):
@@ -74,7 +81,8 @@ def make_engine(loaded, speculative: SpeculativeConfig, draft=None) -> EngineCor
     return EngineCore(config, *loaded, draft=draft)
 
 
-def run_stream(engine: EngineCore, request_id: str, prompt_ids: list[int], max_tokens: int) -> tuple[list[int], float, float]:
+def run_stream(engine: EngineCore, request_id: str, prompt_ids: list[int],
+               max_tokens: int) -> tuple[list[int], float, float]:
     """One request alone, step by step: (output ids, time to first token, decode time)."""
     request = engine.make_request(request_id, prompt_ids, SamplingParams(temperature=0.0, max_tokens=max_tokens))
     started = time.perf_counter()
@@ -132,52 +140,82 @@ def summarize(runs: list[StreamRun]) -> dict:
     return summary
 
 
-def bench_batch(loaded, prompts: list[list[int]], max_tokens: int, args) -> dict:
-    """All prompts at once: plain, n-gram with the switch-off, and n-gram forced on (no switch-off)."""
-    ngram = SpeculativeConfig(method="ngram", num_speculative_tokens=args.num_speculative_tokens)
-    configs = {"plain": SpeculativeConfig(), "ngram": ngram,
-               "ngram_no_switch_off": dataclasses.replace(ngram, max_num_seqs=len(prompts), adaptive=False)}
+def bench_batch(loaded, draft, prompts: list[list[int]], max_tokens: int, args) -> dict:
+    """All prompts at once: plain, then each method with the switch-off and forced on (no switch-off)."""
+    configs = {"plain": SpeculativeConfig()}
+    for method in ("ngram", "draft") if draft is not None else ("ngram",):
+        config = SpeculativeConfig(method=method, num_speculative_tokens=args.num_speculative_tokens)
+        configs[method] = config
+        configs[f"{method}_no_switch_off"] = dataclasses.replace(config, max_num_seqs=len(prompts), adaptive=False)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    results = {}
-    for name, config in configs.items():
-        llm = LLM(engine=make_engine(loaded, config))
-        started = time.perf_counter()
-        llm.generate(prompts, params)
-        wall_s = time.perf_counter() - started
-        results[name] = {"wall_s": wall_s, "output_tokens_per_s": max_tokens * len(prompts) / wall_s}
-        print(f"batch {len(prompts)} {name:<20} {results[name]['output_tokens_per_s']:7.2f} out tok/s", flush=True)
+    engines = {name: make_engine(loaded, config, draft if config.method == "draft" else None)
+               for name, config in configs.items()}
+    seconds: dict[str, list[float]] = {name: [] for name in configs}
+    names = list(configs)
+    for round_index in range(args.batch_rounds):  # the order rotates from round to round
+        shift = round_index % len(names)
+        for name in names[shift:] + names[:shift]:
+            started = time.perf_counter()
+            LLM(engine=engines[name]).generate(prompts, params)
+            seconds[name].append(time.perf_counter() - started)
+            print(f"batch {len(prompts)} {name:<20} {max_tokens * len(prompts) / seconds[name][-1]:7.2f} out tok/s",
+                  flush=True)
+    results = {name: {"wall_s": times, "output_tokens_per_s": max_tokens * len(prompts) * len(times) / sum(times)}
+               for name, times in seconds.items()}
     for row in results.values():
         row["ratio_to_plain"] = row["output_tokens_per_s"] / results["plain"]["output_tokens_per_s"]
     return results
+
+
+def run_llama_cpp(args) -> dict:
+    cache_dir = default_cache_dir()
+    target, draft = (resolve_model(name, tokenforge_cache_dir()) for name in (args.target, args.draft))
+    with tempfile.TemporaryDirectory() as log_dir:
+        result = bench_llama_cpp(ensure_llama_cpp(cache_dir), target, draft, PROMPTS, args.max_tokens,
+                                 args.num_speculative_tokens, args.threads, Path(log_dir), print)
+    for category, row in result["draft"]["summary"].items():
+        print(f"llama.cpp {category:<5} draft {row['decode_tokens_per_s']:6.2f} tok/s  {row['speedup']:.2f}x  "
+              f"acceptance {row['acceptance_rate'] or 0:.2f}")
+    return result
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--target", default="qwen2.5-coder-1.5b-instruct")
     parser.add_argument("--draft", default="qwen2.5-coder-0.5b-instruct", help="'' for n-gram only")
-    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--draft-quantization", default=SpeculativeConfig.draft_quantization)
+    parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16, help="high-batch run (0: skip)")
-    parser.add_argument("--batch-max-tokens", type=int, default=16)
+    parser.add_argument("--batch-max-tokens", type=int, default=32)
+    parser.add_argument("--batch-rounds", type=int, default=2)
+    parser.add_argument("--llama-cpp", action="store_true",
+                        help="also llama.cpp's llama-server, plain and with the draft (built once, cached)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="llama.cpp's threads")
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     info = {"machine": machine_info(), "git": git_info(), "config": vars(args),
-            "note": "shared 2-core machine: other work ran during the benchmark; compare within this run only"}
-    model_config = ModelConfig(model=args.target, dtype="float32", device="cpu")
+            "load_average_at_start": os.getloadavg(), "note": "compare within this run only"}
+    model_config = ModelConfig(model=args.target, device="cpu")
     started = time.perf_counter()
     loaded = load(model_config)
-    draft = load(dataclasses.replace(model_config, model=args.draft))[0] if args.draft else None
+    draft = None
+    if args.draft:
+        draft = load_draft(model_config, SpeculativeConfig(draft_model=args.draft,
+                                                           draft_quantization=args.draft_quantization))
     info["load_s"] = time.perf_counter() - started
     k = args.num_speculative_tokens
     engines = {"plain": make_engine(loaded, SpeculativeConfig()),
                "ngram": make_engine(loaded, SpeculativeConfig(method="ngram", num_speculative_tokens=k))}
     if draft is not None:
         engines["draft"] = make_engine(loaded, SpeculativeConfig(method="draft", num_speculative_tokens=k), draft)
+        info["draft_cost"] = engines["draft"].spec.proposer.draft_cost  # measured: draft step / target step
     tokenizer = loaded[0].tokenizer
-    chat_ids = lambda text: LLM(engine=engines["plain"]).apply_chat_template([{"role": "user", "content": text}])  # noqa: E731
+    plain_llm = LLM(engine=engines["plain"])
+    chat_ids = lambda text: plain_llm.apply_chat_template([{"role": "user", "content": text}])  # noqa: E731
     prompts = {category: [chat_ids(text) for text in texts] for category, texts in PROMPTS.items()}
     for engine in engines.values():  # warm-up
         run_stream(engine, "warmup", prompts["chat"][0], 4)
@@ -193,8 +231,11 @@ def main() -> None:
     if args.batch_size:
         texts = [t for ts in PROMPTS.values() for t in ts]
         batch = [chat_ids(texts[i % len(texts)] + " " * (i // len(texts))) for i in range(args.batch_size)]
-        info["high_batch"] = bench_batch(loaded, batch, args.batch_max_tokens, args)
+        info["high_batch"] = bench_batch(loaded, draft, batch, args.batch_max_tokens, args)
     del tokenizer
+    if args.llama_cpp and args.draft:
+        engines.clear()
+        info["llama_cpp"] = run_llama_cpp(args)
     info["load_average_at_end"] = os.getloadavg()
     print(f"wrote {write_result('spec-decode', info)}")
 

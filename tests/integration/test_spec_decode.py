@@ -9,7 +9,9 @@ import torch
 
 from tests.integration.helpers import make_llm
 from tokenforge.config import SpeculativeConfig
+from tokenforge.engine.llm import LLM
 from tokenforge.engine.request import FinishReason
+from tokenforge.model.layers.quant_linear import Int8Linear
 from tokenforge.sampling_params import SamplingParams
 
 PROMPTS = [
@@ -188,3 +190,19 @@ def test_seeded_sampling_with_speculation_reproduces(smollm2_loaded):
     params = SamplingParams(temperature=1.0, max_tokens=12, seed=7, ignore_eos=True)
     first = token_ids(llm, [STAT_PROMPT], params)
     assert token_ids(llm, [STAT_PROMPT, PROMPTS[0]], params)[0] == first[0]
+
+
+def test_factory_draft_is_w8a8_with_a_measured_cost_and_changes_no_output(smollm2_path):
+    """The served path: the draft loads through the factory with its own quantization (auto: w8a8 on
+    the CPU), its cost is timed at start, and the greedy output is the plain int8 engine's."""
+    plain = LLM(str(smollm2_path), device="cpu", kv_cache_memory_bytes=64 * 2**20)
+    spec = LLM(str(smollm2_path), device="cpu", kv_cache_memory_bytes=64 * 2**20,
+               speculative=dataclasses.replace(DRAFT, draft_model=str(smollm2_path)))
+    proposer = spec.engine.spec.proposer
+    digits = {m.activation_digits for m in proposer.model.modules() if isinstance(m, Int8Linear)}
+    assert digits == {1}  # w8a8 draft, while the target keeps int8's two digits
+    assert {m.activation_digits for m in spec.engine.runner.model.modules() if isinstance(m, Int8Linear)} == {2}
+    assert 0 < proposer.draft_cost < float("inf")  # timed, not the parameter ratio (1.0 for a self-draft)
+    assert token_ids(spec, PROMPTS) == token_ids(plain, PROMPTS)
+    stats = spec.engine.stats()
+    assert 0 < stats["spec_num_accepted_tokens"] < stats["spec_num_draft_tokens"]  # w8a8 disagrees at times

@@ -24,7 +24,8 @@ def parse_bytes(text: str) -> int:
 # The engine options, by their argparse names; `tokenforge serve`'s config file uses the same keys.
 ENGINE_OPTIONS = ("model", "dtype", "quantization", "device", "load_format", "max_model_len", "kv_cache_memory",
                   "block_size", "no_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "max_num_waiting",
-                  "cache_dir", "speculative_method", "num_speculative_tokens", "draft_model", "speculative_max_num_seqs")
+                  "cache_dir", "speculative_method", "num_speculative_tokens", "draft_model", "draft_quantization",
+                  "speculative_max_num_seqs")
 
 
 def add_engine_args(parser: argparse.ArgumentParser, *, repeat_model: bool = False) -> None:
@@ -63,6 +64,9 @@ def add_engine_args(parser: argparse.ArgumentParser, *, repeat_model: bool = Fal
     spec.add_argument("--num-speculative-tokens", type=int, default=SpeculativeConfig.num_speculative_tokens,
                       help="most tokens drafted per request and step (adapted to the acceptance rate)")
     spec.add_argument("--draft-model", default=None, help="the draft model: catalog name, .gguf file or directory")
+    spec.add_argument("--draft-quantization", default=SpeculativeConfig.draft_quantization, choices=QUANTIZATIONS,
+                      help="the draft model's linear layers; auto: w8a8 on the CPU (changes only the acceptance "
+                           "rate, never the output), else none")
     spec.add_argument("--speculative-max-num-seqs", type=int, default=SpeculativeConfig.max_num_seqs,
                       help="speculation switches off while more requests than this run")
 
@@ -104,9 +108,12 @@ def speculative_config_from_options(options: dict) -> SpeculativeConfig:
         raise ConfigError("--draft-model is only used with --speculative-method draft")
     if not 0 <= num_tokens <= MAX_SPECULATIVE_TOKENS:
         raise ConfigError(f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], got {num_tokens}")
+    draft_quantization = options.get("draft_quantization", SpeculativeConfig.draft_quantization)
+    if draft_quantization not in QUANTIZATIONS:
+        raise ConfigError(f"draft_quantization must be one of {', '.join(QUANTIZATIONS)}, got {draft_quantization!r}")
     max_num_seqs = options.get("speculative_max_num_seqs", SpeculativeConfig.max_num_seqs)
     return SpeculativeConfig(method=method, num_speculative_tokens=num_tokens, draft_model=draft_model,
-                             max_num_seqs=max_num_seqs)
+                             draft_quantization=draft_quantization, max_num_seqs=max_num_seqs)
 
 
 def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:

@@ -20,15 +20,15 @@ SERVER_KEYS = ("host", "port", "log_level")
 # What a key of the file may hold (TOML gives typed values; bool is no int here).
 _KEY_TYPES: dict[str, tuple[type, ...]] = {
     "host": (str,), "port": (int,), "log_level": (str,), "served_name": (str,), "model": (str,),
-    "dtype": (str,), "device": (str,), "load_format": (str,), "max_model_len": (int,),
+    "dtype": (str,), "quantization": (str,), "device": (str,), "load_format": (str,), "max_model_len": (int,),
     "kv_cache_memory": (int, str), "block_size": (int,), "no_prefix_caching": (bool,), "max_num_seqs": (int,),
     "max_num_batched_tokens": (int,), "max_num_waiting": (int,), "cache_dir": (str,),
     "speculative_method": (str,), "num_speculative_tokens": (int,), "draft_model": (str,),
-    "speculative_max_num_seqs": (int,),
+    "draft_quantization": (str,), "speculative_max_num_seqs": (int,),
 }
 _TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false"}
 _CHOICES = {"log_level": LOG_LEVELS, "load_format": ("auto", "dummy"), "speculative_method": SPECULATIVE_METHODS,
-            "quantization": QUANTIZATIONS}
+            "quantization": QUANTIZATIONS, "draft_quantization": QUANTIZATIONS}
 # `model` and `served_name` name one model: only in a [[models]] table.
 TOP_LEVEL_KEYS = frozenset({*SERVER_KEYS, "models", *ENGINE_OPTIONS} - {"model"})
 MODEL_KEYS = frozenset({"served_name", *ENGINE_OPTIONS})

@@ -49,7 +49,7 @@ class EngineCore:
         self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
         self.runner = ModelRunner(loaded.model, self.arch, num_blocks, block_size, dtype, device)
-        self.spec = _build_spec_controller(config, loaded, draft, num_blocks, dtype, device, self.max_model_len)
+        self.spec = _build_spec_controller(config, loaded, draft, self.runner, self.max_model_len)
         # Parameters of the loaded weights (tied embeddings once): what the price book buckets by.
         self.num_params = loaded.num_params
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -170,8 +170,8 @@ class EngineCore:
         return stats
 
 
-def _build_spec_controller(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | None, num_blocks: int,
-                           dtype: torch.dtype, device: torch.device, max_model_len: int) -> SpecController | None:
+def _build_spec_controller(config: EngineConfig, loaded: LoadedModel, draft: LoadedModel | None, runner: ModelRunner,
+                           max_model_len: int) -> SpecController | None:
     spec = config.speculative
     if not spec.enabled:
         return None
@@ -180,7 +180,12 @@ def _build_spec_controller(config: EngineConfig, loaded: LoadedModel, draft: Loa
     elif spec.method == "draft":
         if draft is None:
             raise ConfigError("speculative method 'draft' needs a draft model (--draft-model)")
-        proposer = DraftModelProposer(draft, loaded, num_blocks, config.cache.block_size, dtype, device)
+        kv_caches = runner.kv_caches
+        proposer = DraftModelProposer(draft, loaded, kv_caches.shape[1], runner.block_size, kv_caches.dtype,
+                                      runner.device)
+        draft_cost = proposer.measure_cost(loaded.model, kv_caches)
+        logger.info("speculative decoding: a draft step costs %.2f of a target step (measured; parameters: %.2f)",
+                    draft_cost, draft.num_params / loaded.num_params)
     else:
         raise ConfigError(f"unknown speculative method {spec.method!r} (choose ngram or draft)")
     return SpecController(spec, proposer, max_model_len)

@@ -6,6 +6,7 @@ then drafts one token per pass. Its K/V of rejected drafts are overwritten next 
 longest prefix of what it computed that matches the request's real tokens stays valid.
 """
 
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -40,6 +41,24 @@ def check_vocab_match(target: LoadedModel, draft: LoadedModel) -> None:
                           f"{differing}): speculative decoding needs the same tokenizer")
 
 
+@torch.inference_mode()
+def time_one_token_pass(model: torch.nn.Module, kv_caches: torch.Tensor, block_size: int, device: torch.device,
+                        num_repeats: int = 5) -> float:
+    """Seconds of the fastest of num_repeats forward passes of one token with its logits (a decode
+    step at batch 1), after one warm-up pass; writes the K/V of position 0 into block 0."""
+    batch = build_batch([SequenceChunk([0], 0, [0], 1)], block_size, device)
+    best = float("inf")
+    for repeat in range(num_repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        hidden = model(batch.input_ids, batch.positions, kv_caches, batch.meta)
+        model.compute_logits(hidden[batch.logits_indices]).float().cpu()
+        if repeat:
+            best = min(best, time.perf_counter() - started)
+    return best
+
+
 @dataclass
 class _DraftSequence:
     blocks: list[Block] = field(default_factory=list)
@@ -59,8 +78,17 @@ class DraftModelProposer:
         self.kv_caches = allocate_zeroed(shape, dtype, device)  # as the target's (ModelRunner)
         self.block_pool = BlockPool(num_blocks, enable_caching=False)
         self.sequences: dict[str, _DraftSequence] = {}
-        # A decode step reads every weight once: its cost scales with the parameter count.
+        # A decode step reads every weight once: its cost scales with the parameter count, until
+        # measure_cost replaces this estimate with timings (quantization and overheads differ).
         self.draft_cost = arch.num_params / target.arch_config.num_params
+
+    def measure_cost(self, target_model: torch.nn.Module, target_kv_caches: torch.Tensor) -> float:
+        """Sets draft_cost to the time of a one-token draft pass over that of a one-token target pass
+        (the fastest of a few, after a warm-up). Run before any request: it writes slot 0 of block 0."""
+        target_s = time_one_token_pass(target_model, target_kv_caches, self.block_size, self.device)
+        draft_s = time_one_token_pass(self.model, self.kv_caches, self.block_size, self.device)
+        self.draft_cost = draft_s / target_s
+        return self.draft_cost
 
     def release(self, live_request_ids: set[str]) -> None:
         for request_id in [i for i in self.sequences if i not in live_request_ids]:

@@ -59,6 +59,14 @@ def test_file_without_models_uses_the_flags(tmp_path):
     assert all(m.engine.scheduler.max_num_seqs == 2 for m in config.models)
 
 
+def test_quantization_keys(tmp_path):
+    text = ('quantization = "w8a8"\n[[models]]\nmodel = "x"\nspeculative_method = "draft"\ndraft_model = "y"\n'
+            'draft_quantization = "int8"\n')
+    (model,) = make_config(tmp_path, text).models
+    assert model.engine.model.quantization == "w8a8"
+    assert (model.engine.speculative.draft_model, model.engine.speculative.draft_quantization) == ("y", "int8")
+
+
 def test_duplicate_served_names(tmp_path):
     text = '[[models]]\nmodel = "x"\nserved_name = "a"\n[[models]]\nmodel = "y"\nserved_name = "a"\n'
     with pytest.raises(ConfigError, match="two models are served as 'a'"):
@@ -75,6 +83,8 @@ def test_duplicate_served_names(tmp_path):
     ('[[models]]\nmodel = "x"\nmax_num_seqs = "64"\n', "max_num_seqs must be an integer"),
     ('[[models]]\nmodel = "x"\nkv_cache_memory = "lots"\n', "kv_cache_memory is not a size"),
     ('port = [1\n', "not valid TOML"),
+    ('quantization = "int4"\n', "quantization must be one of auto, none, int8, w8a8"),
+    ('draft_quantization = 8\n', "draft_quantization must be a string"),
 ])
 def test_bad_files(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
