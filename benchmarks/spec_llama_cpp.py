@@ -1,6 +1,7 @@
 """llama.cpp's speculative decoding on the same GGUF pair, for benchmarks/spec_decode.py: its C++
-`llama-server` (built by llama_cpp.py, cached outside the repository) with one slot, once plain and
-once with the draft model (-md, --spec-draft-n-max k), the same chat prompts one at a time, greedy.
+`llama-server` (built by llama_cpp.py, cached outside the repository) with one slot, once plain
+and once with the draft model (-md, --spec-type draft-simple, --spec-draft-n-max k), the same chat
+prompts one at a time, greedy.
 Decode tokens/s and draft counts are the server's own `timings` (generation only, no prompt, no
 HTTP), the same span spec_decode.py times for tokenforge.
 """
@@ -21,7 +22,8 @@ def server_command(llama: LlamaCpp, target: Path, draft: Path | None, port: int,
     command = [str(llama.server), "-m", str(target), "--host", "127.0.0.1", "--port", str(port), "--parallel", "1",
                "-c", str(CONTEXT), "-t", str(threads), "-tb", str(threads)]
     if draft is not None:
-        command += ["-md", str(draft), "--spec-draft-n-max", str(k), "-td", str(threads), "-cd", str(CONTEXT)]
+        command += ["-md", str(draft), "--spec-type", "draft-simple", "--spec-draft-n-max", str(k),
+                    "-td", str(threads)]
     return command
 
 
