@@ -7,6 +7,7 @@ over --num-runs. Writes JSON to benchmarks/results/.
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -16,7 +17,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -139,6 +142,27 @@ def wait_healthy(base_url: str, is_alive) -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"the server at {base_url} did not become healthy")
+
+
+@contextlib.contextmanager
+def served(command: list[str], base_url: str, log_path: Path, log) -> Iterator[subprocess.Popen]:
+    """Runs a server process (output to log_path) until the block ends, once /health answers; on an
+    error in the block, shows the end of its log first."""
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            wait_healthy(base_url, lambda: process.poll() is None)
+            yield process
+        except Exception:
+            log(log_path.read_text()[-3000:])
+            raise
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(10)
 
 
 def start_thread_server(engine: AsyncEngine) -> tuple[str, uvicorn.Server, threading.Thread]:

@@ -20,7 +20,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from http_overhead import free_port, wait_healthy
+from http_overhead import free_port, served
 from llama_cpp import LlamaCpp, default_cache_dir, ensure_llama_cpp, quantized_model, server_command
 from throughput import git_info, hf_generate_batch, machine_info, write_result
 from tokenforge.bench.client import HttpClient
@@ -75,24 +75,11 @@ def run_server(label: str, command: list[str], port: int, args, concurrency: tup
     log(f"{label}: {' '.join(command)}")
     base_url = f"http://127.0.0.1:{port}"
     log_path = log_dir / f"{label.replace(' ', '_')}.log"
-    with open(log_path, "w") as log_file:
-        started = time.perf_counter()
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            wait_healthy(base_url, lambda: process.poll() is None)
-            start_s = time.perf_counter() - started
-            levels = asyncio.run(sweep_server(base_url, args, sweep_config(args, concurrency), process.pid))
-            hwm = vm_hwm_bytes(process.pid)
-        except Exception:
-            log(log_path.read_text()[-3000:])
-            raise
-        finally:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+    started = time.perf_counter()
+    with served(command, base_url, log_path, log) as process:
+        start_s = time.perf_counter() - started
+        levels = asyncio.run(sweep_server(base_url, args, sweep_config(args, concurrency), process.pid))
+        hwm = vm_hwm_bytes(process.pid)
     return ServerRun(label, command, levels, start_s, hwm)
 
 

@@ -6,13 +6,12 @@ Decode tokens/s and draft counts are the server's own `timings` (generation only
 HTTP), the same span spec_decode.py times for tokenforge.
 """
 
-import subprocess
 import time
 from pathlib import Path
 
 import httpx
 
-from http_overhead import free_port, wait_healthy
+from http_overhead import free_port, served
 from llama_cpp import LlamaCpp
 
 CONTEXT = 4096
@@ -44,29 +43,15 @@ def run_server(command: list[str], port: int, prompts: dict[str, list[str]], max
     """Starts the server, sends each prompt alone (after a warm-up request), stops the server."""
     base_url = f"http://127.0.0.1:{port}"
     runs = []
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
-        try:
-            wait_healthy(base_url, lambda: process.poll() is None)
-            with httpx.Client() as client:
-                complete(client, base_url, prompts["chat"][0], 4)
-                for category, texts in prompts.items():
-                    for index, text in enumerate(texts):
-                        run = {"category": category, "prompt": index, **complete(client, base_url, text, max_tokens)}
-                        runs.append(run)
-                        log(f"llama.cpp {category} #{index} {run['num_output_tokens']:>4} tokens, decode "
-                            f"{run['decode_tokens_per_s']:6.2f} tok/s, accepted {run['num_accepted_tokens']}/"
-                            f"{run['num_draft_tokens']}")
-        except Exception:
-            log(log_path.read_text()[-3000:])
-            raise
-        finally:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(10)
+    with served(command, base_url, log_path, log), httpx.Client() as client:
+        complete(client, base_url, prompts["chat"][0], 4)
+        for category, texts in prompts.items():
+            for index, text in enumerate(texts):
+                run = {"category": category, "prompt": index, **complete(client, base_url, text, max_tokens)}
+                runs.append(run)
+                log(f"llama.cpp {category} #{index} {run['num_output_tokens']:>4} tokens, decode "
+                    f"{run['decode_tokens_per_s']:6.2f} tok/s, accepted {run['num_accepted_tokens']}/"
+                    f"{run['num_draft_tokens']}")
     return runs
 
 
