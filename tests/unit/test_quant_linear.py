@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from tokenforge.model.layers.native import int8_row_kernel
 from tokenforge.model.layers.quant_linear import Int8Linear, quantize_model, quantize_rows
 
 
@@ -82,3 +83,38 @@ def test_quantize_model_none_and_unknown():
     assert quantize_model(model, "none") == 0 and isinstance(model.block[0], nn.Linear)
     with pytest.raises(ValueError, match="unknown quantization"):
         quantize_model(model, "int3")
+
+
+@pytest.mark.parametrize("digits", [1, 2])
+@pytest.mark.parametrize("in_features, out_features, bias", [(96, 64, False), (576, 960, True), (1536, 576, False)])
+def test_the_native_row_kernel_gives_the_torch_paths_bits(digits, in_features, out_features, bias):
+    """One row goes through the AVX2 kernel; it must give exactly the torch path's result (the
+    path of every other row count), so that an output does not depend on the batch it ran in."""
+    if int8_row_kernel() is None:
+        pytest.skip("no native kernel on this machine (needs x86-64 with AVX2 and a C compiler)")
+    generator = torch.Generator().manual_seed(1)
+    layer = Int8Linear(make_weight(out_features, in_features), torch.randn(out_features) if bias else None,
+                       activation_digits=digits)
+    kernel = layer.row_kernel
+    assert kernel is not None
+    rows = [torch.randn(1, in_features, generator=generator) * scale for scale in (1e-3, 1.0, 50.0)]
+    rows += [torch.zeros(1, in_features), make_weight(1, in_features, seed=5)]
+    with torch.inference_mode():
+        for row in rows:
+            native = layer(row)
+            layer.row_kernel = None
+            reference = layer(row)
+            layer.row_kernel = kernel
+            assert torch.equal(native, reference)
+            batched = layer(torch.cat([row, torch.randn(3, in_features, generator=generator)]))
+            assert torch.equal(batched[:1], native)  # same bits as the same row inside a batch
+
+
+def test_no_native_kernel_when_switched_off_or_the_width_does_not_fit(monkeypatch):
+    assert Int8Linear(make_weight(8, 40), None).row_kernel is None  # 40 is not a multiple of 32
+    int8_row_kernel.cache_clear()
+    monkeypatch.setenv("TOKENFORGE_NATIVE_KERNELS", "0")
+    try:
+        assert int8_row_kernel() is None and Int8Linear(make_weight(8, 64), None).row_kernel is None
+    finally:
+        int8_row_kernel.cache_clear()

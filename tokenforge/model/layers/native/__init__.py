@@ -1,0 +1,88 @@
+"""Native CPU kernels, compiled on first use with the machine's C compiler and loaded with ctypes.
+
+`int8_row_kernel()` gives the AVX2 kernel of `int8_row.c` (one activation row times int8 weights,
+bit for bit what Int8Linear's torch path computes), or None where it cannot run: not x86-64 or no
+AVX2/FMA, no C compiler, a failed build, or TOKENFORGE_NATIVE_KERNELS=0. Callers fall back to
+torch then. The library is cached under the model cache (kernels/), keyed by the source and the
+flags, and links libgomp, the OpenMP runtime torch has loaded already: one pool of threads.
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import torch  # noqa: F401 - loads torch's libgomp before the kernel library needs it
+
+from tokenforge.config import default_cache_dir
+
+logger = logging.getLogger(__name__)
+
+FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-shared", "-fPIC")
+REQUIRED_CPU_FLAGS = {"avx2", "fma"}
+
+
+def enabled() -> bool:
+    return os.environ.get("TOKENFORGE_NATIVE_KERNELS", "1") != "0"
+
+
+def cpu_supports_avx2() -> bool:
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return REQUIRED_CPU_FLAGS <= set(line.split(":", 1)[1].split())
+    return False
+
+
+def build(source: str, name: str, cache_dir: Path) -> Path | None:
+    """The shared library of `source`, compiled once into cache_dir; None if it cannot be built."""
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        logger.info("no C compiler found: native kernels off")
+        return None
+    key = hashlib.sha256((source + " ".join(FLAGS)).encode()).hexdigest()[:16]
+    target = cache_dir / f"{name}-{key}.so"
+    if target.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
+        src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
+        src.write_text(source)
+        done = subprocess.run([compiler, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True)
+        if done.returncode != 0:
+            logger.warning("building native kernel %s failed, using torch: %s", name, done.stderr[-500:])
+            return None
+        out.replace(target)  # atomic: a concurrent build ends with the same file
+    return target
+
+
+@functools.cache
+def int8_row_kernel():
+    """ctypes function int8_row_linear, or None (see the module docstring)."""
+    if not enabled() or not cpu_supports_avx2():
+        return None
+    source = resources.files(__package__).joinpath("int8_row.c").read_text()
+    path = build(source, "int8_row", default_cache_dir() / "kernels")
+    if path is None:
+        return None
+    try:
+        function = ctypes.CDLL(str(path)).int8_row_linear
+    except OSError as exc:
+        logger.warning("loading native kernel %s failed, using torch: %s", path, exc)
+        return None
+    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
+    function.argtypes = [pointer, pointer, pointer, pointer, pointer, i64, i64, ctypes.c_int, pointer, ctypes.c_int]
+    function.restype = None
+    return function
