@@ -213,6 +213,7 @@ def main() -> None:
     if draft is not None:
         engines["draft"] = make_engine(loaded, SpeculativeConfig(method="draft", num_speculative_tokens=k), draft)
         info["draft_cost"] = engines["draft"].spec.proposer.draft_cost  # measured: draft step / target step
+    info["verify_cost"] = engines["ngram"].spec.verify_cost  # measured: each extra verified token, in steps
     tokenizer = loaded[0].tokenizer
     plain_llm = LLM(engine=engines["plain"])
     chat_ids = lambda text: plain_llm.apply_chat_template([{"role": "user", "content": text}])  # noqa: E731

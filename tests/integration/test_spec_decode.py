@@ -203,6 +203,7 @@ def test_factory_draft_is_w8a8_with_a_measured_cost_and_changes_no_output(smollm
     assert digits == {1}  # w8a8 draft, while the target keeps int8's two digits
     assert {m.activation_digits for m in spec.engine.runner.model.modules() if isinstance(m, Int8Linear)} == {2}
     assert 0 < proposer.draft_cost < float("inf")  # timed, not the parameter ratio (1.0 for a self-draft)
+    assert 0 <= spec.engine.spec.verify_cost < float("inf")  # timed too: (k + 1)-token pass vs 1-token pass
     assert token_ids(spec, PROMPTS) == token_ids(plain, PROMPTS)
     stats = spec.engine.stats()
     assert 0 < stats["spec_num_accepted_tokens"] < stats["spec_num_draft_tokens"]  # w8a8 disagrees at times

@@ -19,6 +19,7 @@ from tokenforge.sampling_params import SamplingParams
 from tokenforge.spec.controller import SpecController
 from tokenforge.spec.draft_model import DraftModelProposer
 from tokenforge.spec.ngram import NgramProposer
+from tokenforge.spec.timing import measure_verify_cost
 from tokenforge.worker.memory import num_kv_blocks
 from tokenforge.worker.model_runner import ModelRunner
 
@@ -175,17 +176,19 @@ def _build_spec_controller(config: EngineConfig, loaded: LoadedModel, draft: Loa
     spec = config.speculative
     if not spec.enabled:
         return None
+    kv_caches = runner.kv_caches
     if spec.method == "ngram":
         proposer = NgramProposer(spec.ngram_min, spec.ngram_max)
     elif spec.method == "draft":
         if draft is None:
             raise ConfigError("speculative method 'draft' needs a draft model (--draft-model)")
-        kv_caches = runner.kv_caches
         proposer = DraftModelProposer(draft, loaded, kv_caches.shape[1], runner.block_size, kv_caches.dtype,
                                       runner.device)
-        draft_cost = proposer.measure_cost(loaded.model, kv_caches)
-        logger.info("speculative decoding: a draft step costs %.2f of a target step (measured; parameters: %.2f)",
-                    draft_cost, draft.num_params / loaded.num_params)
+        proposer.measure_cost(loaded.model, kv_caches)
     else:
         raise ConfigError(f"unknown speculative method {spec.method!r} (choose ngram or draft)")
-    return SpecController(spec, proposer, max_model_len)
+    verify_cost = measure_verify_cost(loaded.model, kv_caches, runner.block_size, runner.device,
+                                      spec.num_speculative_tokens)
+    logger.info("speculative decoding (%s), measured in target steps: a draft step %.2f, one more verified "
+                "token %.2f", spec.method, proposer.draft_cost, verify_cost)
+    return SpecController(spec, proposer, max_model_len, verify_cost)

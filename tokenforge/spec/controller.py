@@ -2,7 +2,7 @@
 
 Adaptive k: each request keeps a running estimate a of the chance that a draft token is
 accepted. With k drafts a verification step yields 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)
-tokens on average and costs about 1 + k * (draft_cost + VERIFY_COST) decode steps; k is the
+tokens on average and costs about 1 + k * (draft_cost + verify_cost) decode steps; k is the
 best ratio, and 0 (off, re-tried every PROBE_INTERVAL steps) when no k beats plain decoding.
 Above `max_num_seqs` running requests a step is compute-bound and speculation is off for all.
 """
@@ -17,9 +17,9 @@ if TYPE_CHECKING:
     from tokenforge.engine.request import Request
     from tokenforge.engine.scheduler import SampledToken, SchedulerOutput
 
-# Extra cost of verifying one more token in a step, in decode steps. An estimate, not a
-# measurement: a small-batch decode step is bound by reading every weight once, whatever the
-# number of tokens, so a few more tokens cost little.
+# Extra cost of verifying one more token in a step, in decode steps, until the engine measures it
+# (spec.timing.measure_verify_cost): small where a step is bound by reading the weights, large where
+# one row runs a faster kernel than several.
 VERIFY_COST = 0.1
 PRIOR_ACCEPTANCE = 0.7  # a request's estimate before its first verification
 EMA_WEIGHT = 0.2  # weight of each new accept/reject outcome in the estimate
@@ -48,11 +48,12 @@ def expected_num_tokens(acceptance: float, num_drafts: int) -> float:
     return sum(acceptance**i for i in range(num_drafts + 1))
 
 
-def best_num_drafts(acceptance: float, max_num_drafts: int, draft_cost: float) -> int:
+def best_num_drafts(acceptance: float, max_num_drafts: int, draft_cost: float,
+                    verify_cost: float = VERIFY_COST) -> int:
     """The k in [0, max_num_drafts] with the most tokens per unit of cost (0: do not draft)."""
     best, best_rate = 0, 1.0
     for k in range(1, max_num_drafts + 1):
-        rate = expected_num_tokens(acceptance, k) / (1.0 + k * (draft_cost + VERIFY_COST))
+        rate = expected_num_tokens(acceptance, k) / (1.0 + k * (draft_cost + verify_cost))
         if rate > best_rate + 1e-9:
             best, best_rate = k, rate
     return best
@@ -67,8 +68,10 @@ def can_speculate(request: "Request") -> bool:
 
 
 class SpecController:
-    def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int):
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int,
+                 verify_cost: float = VERIFY_COST):
         self.config = config
+        self.verify_cost = verify_cost
         self.proposer = proposer
         self.max_model_len = max_model_len
         self.stats = SpecStats()
@@ -111,7 +114,7 @@ class SpecController:
         if k <= 0 or not self.config.adaptive:
             return max(k, 0)
         acceptance = self.acceptance.get(request.request_id, PRIOR_ACCEPTANCE)
-        best = best_num_drafts(acceptance, k, self.proposer.draft_cost)
+        best = best_num_drafts(acceptance, k, self.proposer.draft_cost, self.verify_cost)
         if best:
             return best
         idle = self.num_idle_steps.get(request.request_id, 0) + 1

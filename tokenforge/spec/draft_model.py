@@ -6,7 +6,6 @@ then drafts one token per pass. Its K/V of rejected drafts are overwritten next 
 longest prefix of what it computed that matches the request's real tokens stays valid.
 """
 
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -18,6 +17,7 @@ from tokenforge.errors import ConfigError
 from tokenforge.model.loader import LoadedModel
 from tokenforge.spec.proposer import Proposal
 from tokenforge.spec.rejection import draw
+from tokenforge.spec.timing import time_forward_pass
 from tokenforge.worker.batch import SequenceChunk, build_batch
 from tokenforge.worker.model_runner import allocate_zeroed
 from tokenforge.worker.sampler import sampling_probs
@@ -39,24 +39,6 @@ def check_vocab_match(target: LoadedModel, draft: LoadedModel) -> None:
         differing = sorted(set(target_vocab.items()) ^ set(draft_vocab.items()))[:3]
         raise ConfigError("the draft model's tokenizer differs from the target's (for example "
                           f"{differing}): speculative decoding needs the same tokenizer")
-
-
-@torch.inference_mode()
-def time_one_token_pass(model: torch.nn.Module, kv_caches: torch.Tensor, block_size: int, device: torch.device,
-                        num_repeats: int = 5) -> float:
-    """Seconds of the fastest of num_repeats forward passes of one token with its logits (a decode
-    step at batch 1), after one warm-up pass; writes the K/V of position 0 into block 0."""
-    batch = build_batch([SequenceChunk([0], 0, [0], 1)], block_size, device)
-    best = float("inf")
-    for repeat in range(num_repeats + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        hidden = model(batch.input_ids, batch.positions, kv_caches, batch.meta)
-        model.compute_logits(hidden[batch.logits_indices]).float().cpu()
-        if repeat:
-            best = min(best, time.perf_counter() - started)
-    return best
 
 
 @dataclass
@@ -85,8 +67,8 @@ class DraftModelProposer:
     def measure_cost(self, target_model: torch.nn.Module, target_kv_caches: torch.Tensor) -> float:
         """Sets draft_cost to the time of a one-token draft pass over that of a one-token target pass
         (the fastest of a few, after a warm-up). Run before any request: it writes slot 0 of block 0."""
-        target_s = time_one_token_pass(target_model, target_kv_caches, self.block_size, self.device)
-        draft_s = time_one_token_pass(self.model, self.kv_caches, self.block_size, self.device)
+        target_s = time_forward_pass(target_model, target_kv_caches, self.block_size, self.device)
+        draft_s = time_forward_pass(self.model, self.kv_caches, self.block_size, self.device)
         self.draft_cost = draft_s / target_s
         return self.draft_cost
 

@@ -52,6 +52,13 @@ def test_best_k_grows_with_acceptance_and_falls_with_draft_cost():
     assert 0 < best_num_drafts(0.6, 8, draft_cost=0.1) < best_num_drafts(0.9, 8, draft_cost=0.1)
 
 
+def test_a_costly_verification_turns_drafting_off():
+    """Where one row runs a faster kernel than several, each verified token costs much more."""
+    assert best_num_drafts(0.99, 4, draft_cost=0.2, verify_cost=0.1) == 4
+    assert best_num_drafts(0.7, 4, draft_cost=0.2, verify_cost=0.5) == 0
+    assert best_num_drafts(0.99, 4, draft_cost=0.0, verify_cost=0.35) > 0  # free drafts still pay
+
+
 def test_proposals_land_on_the_requests():
     controller = make_controller(adaptive=False, num_speculative_tokens=3)
     request = make_decoding_request()
