@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 VERIFY_COST = 0.1
 PRIOR_ACCEPTANCE = 0.7  # a request's estimate before its first verification
 EMA_WEIGHT = 0.2  # weight of each new accept/reject outcome in the estimate
-PROBE_INTERVAL = 16  # steps a switched-off request waits before drafting again
+PROBE_INTERVAL = 16  # steps a switched-off request waits before drafting again (first time)
+MAX_PROBE_INTERVAL = 256  # each probe that does not turn drafting back on doubles the wait, up to this
 
 
 @dataclass
@@ -77,6 +78,7 @@ class SpecController:
         self.stats = SpecStats()
         self.acceptance: dict[str, float] = {}  # request_id -> estimated acceptance per token
         self.num_idle_steps: dict[str, int] = {}  # request_id -> steps since it stopped drafting
+        self.probe_intervals: dict[str, int] = {}  # request_id -> steps between its probes now
 
     def propose(self, running: list["Request"]) -> None:
         """Sets spec_token_ids (and spec_draft_probs) of the running requests for the next step."""
@@ -85,6 +87,7 @@ class SpecController:
         for request_id in [i for i in self.acceptance if i not in live]:
             del self.acceptance[request_id]
             self.num_idle_steps.pop(request_id, None)
+            self.probe_intervals.pop(request_id, None)
         if len(running) > self.config.max_num_seqs:
             return
         wanted = {}
@@ -116,14 +119,18 @@ class SpecController:
         acceptance = self.acceptance.get(request.request_id, PRIOR_ACCEPTANCE)
         best = best_num_drafts(acceptance, k, self.proposer.draft_cost, self.verify_cost)
         if best:
+            self.probe_intervals.pop(request.request_id, None)  # drafting pays: probe soon if it stops
             return best
         idle = self.num_idle_steps.get(request.request_id, 0) + 1
-        if idle < PROBE_INTERVAL:
+        interval = self.probe_intervals.get(request.request_id, PROBE_INTERVAL)
+        if idle < interval:
             self.num_idle_steps[request.request_id] = idle
             return 0
         # Probe again: the text may have changed (a code block after prose), from halfway back
-        # to the prior so that one good step can turn speculation on again.
+        # to the prior so that one good step can turn speculation on again. A probe costs a
+        # verification: each one that fails doubles the wait before the next.
         self.num_idle_steps[request.request_id] = 0
+        self.probe_intervals[request.request_id] = min(2 * interval, MAX_PROBE_INTERVAL)
         self.acceptance[request.request_id] = (acceptance + PRIOR_ACCEPTANCE) / 2
         return 1
 

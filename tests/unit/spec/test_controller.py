@@ -122,6 +122,23 @@ def test_adaptive_switch_off_then_probe():
     assert controller.acceptance["r"] > 0.02
 
 
+def test_failed_probes_back_off():
+    proposer = FixedProposer()
+    controller = make_controller(proposer, num_speculative_tokens=4)
+    request = make_decoding_request("r")
+    probe_steps = []
+    for step in range(1, 16 + 32 + 64 + 1):
+        controller.acceptance["r"] = 0.02  # every probe fails
+        proposer.asked = {}
+        controller.propose([request])
+        if proposer.asked:
+            probe_steps.append(step)
+    assert probe_steps == [16, 16 + 32, 16 + 32 + 64]
+    controller.acceptance["r"] = 0.99  # drafting pays again: the wait starts over
+    controller.propose([request])
+    assert proposer.asked == {"r": 4} and "r" not in controller.probe_intervals
+
+
 def test_finished_requests_are_forgotten():
     proposer = FixedProposer()
     controller = make_controller(proposer)
