@@ -19,7 +19,7 @@ from tokenforge.sampling_params import SamplingParams
 from tokenforge.spec.controller import SpecController
 from tokenforge.spec.draft_model import DraftModelProposer
 from tokenforge.spec.ngram import NgramProposer
-from tokenforge.spec.timing import measure_verify_cost
+from tokenforge.spec.timing import measure_verify_cost, time_forward_pass
 from tokenforge.worker.memory import num_kv_blocks
 from tokenforge.worker.model_runner import ModelRunner
 
@@ -177,6 +177,8 @@ def _build_spec_controller(config: EngineConfig, loaded: LoadedModel, draft: Loa
     if not spec.enabled:
         return None
     kv_caches = runner.kv_caches
+    # The target's one-token step, the unit of both costs below (timed once, before any request).
+    target_s = time_forward_pass(loaded.model, kv_caches, runner.block_size, runner.device)
     if spec.method == "ngram":
         proposer = NgramProposer(spec.ngram_min, spec.ngram_max)
     elif spec.method == "draft":
@@ -184,11 +186,11 @@ def _build_spec_controller(config: EngineConfig, loaded: LoadedModel, draft: Loa
             raise ConfigError("speculative method 'draft' needs a draft model (--draft-model)")
         proposer = DraftModelProposer(draft, loaded, kv_caches.shape[1], runner.block_size, kv_caches.dtype,
                                       runner.device)
-        proposer.measure_cost(loaded.model, kv_caches)
+        proposer.measure_cost(target_s)
     else:
         raise ConfigError(f"unknown speculative method {spec.method!r} (choose ngram or draft)")
     verify_cost = measure_verify_cost(loaded.model, kv_caches, runner.block_size, runner.device,
-                                      spec.num_speculative_tokens)
+                                      spec.num_speculative_tokens, target_s)
     logger.info("speculative decoding (%s), measured in target steps: a draft step %.2f, one more verified "
                 "token %.2f", spec.method, proposer.draft_cost, verify_cost)
     return SpecController(spec, proposer, max_model_len, verify_cost)

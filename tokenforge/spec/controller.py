@@ -3,7 +3,9 @@
 Adaptive k: each request keeps a running estimate a of the chance that a draft token is
 accepted. With k drafts a verification step yields 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)
 tokens on average and costs about 1 + k * (draft_cost + verify_cost) decode steps; k is the
-best ratio, and 0 (off, re-tried every PROBE_INTERVAL steps) when no k beats plain decoding.
+best ratio, and 0 (off, re-tried after PROBE_INTERVAL steps, then twice as long after each probe
+that fails, up to MAX_PROBE_INTERVAL) when no k beats plain decoding. The engine times the draft
+and verification costs at start (spec.timing).
 Above `max_num_seqs` running requests a step is compute-bound and speculation is off for all.
 """
 

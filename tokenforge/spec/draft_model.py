@@ -64,12 +64,12 @@ class DraftModelProposer:
         # measure_cost replaces this estimate with timings (quantization and overheads differ).
         self.draft_cost = arch.num_params / target.arch_config.num_params
 
-    def measure_cost(self, target_model: torch.nn.Module, target_kv_caches: torch.Tensor) -> float:
-        """Sets draft_cost to the time of a one-token draft pass over that of a one-token target pass
-        (the fastest of a few, after a warm-up). Run before any request: it writes slot 0 of block 0."""
-        target_s = time_forward_pass(target_model, target_kv_caches, self.block_size, self.device)
+    def measure_cost(self, target_one_token_s: float) -> float:
+        """Sets draft_cost to the time of a one-token draft pass (the fastest of a few, after a
+        warm-up) over target_one_token_s, the same timing of the target. Run before any request:
+        it writes slot 0 of block 0 of the draft's cache."""
         draft_s = time_forward_pass(self.model, self.kv_caches, self.block_size, self.device)
-        self.draft_cost = draft_s / target_s
+        self.draft_cost = draft_s / target_one_token_s
         return self.draft_cost
 
     def release(self, live_request_ids: set[str]) -> None:

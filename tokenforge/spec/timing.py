@@ -31,8 +31,8 @@ def time_forward_pass(model: torch.nn.Module, kv_caches: torch.Tensor, block_siz
 
 
 def measure_verify_cost(model: torch.nn.Module, kv_caches: torch.Tensor, block_size: int, device: torch.device,
-                        num_drafts: int) -> float:
-    """Extra cost of each verified draft token, in one-token steps: (t(k + 1) / t(1) - 1) / k."""
-    one = time_forward_pass(model, kv_caches, block_size, device)
+                        num_drafts: int, one_token_s: float) -> float:
+    """Extra cost of each verified draft token, in one-token steps: (t(k + 1) / t(1) - 1) / k, with
+    t(1) = one_token_s (time_forward_pass of the same model, timed once by the caller)."""
     several = time_forward_pass(model, kv_caches, block_size, device, num_drafts + 1)
-    return max(0.0, (several / one - 1.0) / num_drafts)
+    return max(0.0, (several / one_token_s - 1.0) / num_drafts)

@@ -50,7 +50,7 @@ class Int8Linear(nn.Module):
         codes, scales = quantize_rows(weight)
         self.register_buffer("weight", codes)  # read as its transpose [in, out], the layout _int_mm reads fastest
         self.register_buffer("scales", scales.view(1, -1))
-        self.bias = None if bias is None else nn.Parameter(bias.detach().float().contiguous(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         # One-row calls (single-stream decode) go to the native AVX2 kernel where it runs; its
         # loops take the input width in steps of 32.
         self.row_kernel = int8_row_kernel() if self.in_features % ROW_KERNEL_STEP == 0 else None
@@ -78,7 +78,8 @@ class Int8Linear(nn.Module):
 
     def _row_kernel_fits(self, rows: torch.Tensor) -> bool:
         return (self.row_kernel is not None and rows.dtype == torch.float32 and rows.device.type == "cpu"
-                and rows.is_contiguous() and not torch.is_grad_enabled())
+                and rows.is_contiguous() and not torch.is_grad_enabled()
+                and (self.bias is None or (self.bias.dtype == torch.float32 and self.bias.is_contiguous())))
 
     def _forward_row(self, row: torch.Tensor) -> torch.Tensor:
         """One row through the native kernel: the same bits as the torch path, one call."""
