@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from tokenforge.model.layers.native import int8_row_kernel
+from tokenforge.model.layers.native import int8_kernels
 from tokenforge.model.layers.quant_linear import Int8Linear, quantize_model, quantize_rows
 
 
@@ -87,34 +87,34 @@ def test_quantize_model_none_and_unknown():
 
 @pytest.mark.parametrize("digits", [1, 2])
 @pytest.mark.parametrize("in_features, out_features, bias", [(96, 64, False), (576, 960, True), (1536, 576, False)])
-def test_the_native_row_kernel_gives_the_torch_paths_bits(digits, in_features, out_features, bias):
-    """One row goes through the AVX2 kernel; it must give exactly the torch path's result (the
-    path of every other row count), so that an output does not depend on the batch it ran in."""
-    if int8_row_kernel() is None:
-        pytest.skip("no native kernel on this machine (needs x86-64 with AVX2 and a C compiler)")
+@pytest.mark.parametrize("num_rows", [1, 2, 5, 19])
+def test_the_native_kernels_give_the_torch_paths_bits(digits, in_features, out_features, bias, num_rows):
+    """Rows go through the AVX2 kernels (one row; more rows around _int_mm); they must give exactly
+    the torch path's result, so that an output does not depend on the batch it ran in."""
+    if int8_kernels() is None:
+        pytest.skip("no native kernels on this machine (needs x86-64 with AVX2 and a C compiler)")
     generator = torch.Generator().manual_seed(1)
     layer = Int8Linear(make_weight(out_features, in_features), torch.randn(out_features) if bias else None,
                        activation_digits=digits)
-    kernel = layer.row_kernel
-    assert kernel is not None
-    rows = [torch.randn(1, in_features, generator=generator) * scale for scale in (1e-3, 1.0, 50.0)]
-    rows += [torch.zeros(1, in_features), make_weight(1, in_features, seed=5)]
+    assert layer.kernels is not None
+    rows = torch.randn(num_rows, in_features, generator=generator) * 50.0
+    rows[0] = torch.zeros(in_features)
+    rows[-1] = make_weight(1, in_features, seed=5)
+    if num_rows > 2:
+        rows[1] *= 1e-5
     with torch.inference_mode():
-        for row in rows:
-            native = layer(row)
-            layer.row_kernel = None
-            reference = layer(row)
-            layer.row_kernel = kernel
-            assert torch.equal(native, reference)
-            batched = layer(torch.cat([row, torch.randn(3, in_features, generator=generator)]))
-            assert torch.equal(batched[:1], native)  # same bits as the same row inside a batch
+        native = layer(rows)
+        reference = layer._forward_torch(rows)
+        assert torch.equal(native, reference)
+        for i in range(num_rows):  # each row alone: the same bits as inside the batch
+            assert torch.equal(layer(rows[i:i + 1]), native[i:i + 1])
 
 
 def test_no_native_kernel_when_switched_off_or_the_width_does_not_fit(monkeypatch):
-    assert Int8Linear(make_weight(8, 40), None).row_kernel is None  # 40 is not a multiple of 32
-    int8_row_kernel.cache_clear()
+    assert Int8Linear(make_weight(8, 40), None).kernels is None  # 40 is not a multiple of 32
+    int8_kernels.cache_clear()
     monkeypatch.setenv("TOKENFORGE_NATIVE_KERNELS", "0")
     try:
-        assert int8_row_kernel() is None and Int8Linear(make_weight(8, 64), None).row_kernel is None
+        assert int8_kernels() is None and Int8Linear(make_weight(8, 64), None).kernels is None
     finally:
-        int8_row_kernel.cache_clear()
+        int8_kernels.cache_clear()

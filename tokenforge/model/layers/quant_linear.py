@@ -9,10 +9,11 @@ The activations are quantized per token on the fly, symmetrically, into int8 "di
   keeps about 15 bits, so the result is that of int8 weights alone (weight-only quality).
 - w8a8: one digit (x / scale rounded): half the integer work, at some cost in quality.
 
-One row (single-stream decode, a draft model's steps) goes to a native AVX2 kernel
-(layers/native/int8_row.c, compiled on first use) that computes the same bits in one call instead
-of ~16 small torch ops around a two-row _int_mm: 2-3x faster per layer, and the output of a row
-never depends on the batch it ran in (speculative verification runs k + 1 rows, plain decode one).
+Where they run, native AVX2 kernels (layers/native/int8_linear.c, compiled on first use) compute
+the same bits in one or three calls instead of ~16 small torch ops around _int_mm: one row
+(single-stream decode, a draft model's steps) entirely in C, more rows as C quantization, _int_mm,
+C rescaling. Since every path gives the same bits, the output of a row never depends on the batch
+it ran in (speculative verification runs k + 1 rows, plain decode one).
 
 (PyTorch's packed weight-only kernels, aten._weight_int8pack_mm and _weight_int4pack_mm_for_cpu,
 were 1.5x-30x slower than fp32 MKL on an AVX2 CPU, measured; dequantizing slices to fp32 before an
@@ -27,9 +28,9 @@ import torch
 from torch import nn
 
 from tokenforge.config import QUANTIZATIONS
-from tokenforge.model.layers.native import int8_row_kernel
+from tokenforge.model.layers.native import int8_kernels
 
-ROW_KERNEL_STEP = 32
+KERNEL_STEP = 32  # the native kernels take the input width in steps of 32
 LOW_DIGIT = 254  # x / scale = hi + lo / LOW_DIGIT: lo carries the rounding error of hi, |error| <= 0.5
 
 
@@ -51,44 +52,56 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", codes)  # read as its transpose [in, out], the layout _int_mm reads fastest
         self.register_buffer("scales", scales.view(1, -1))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
-        # One-row calls (single-stream decode) go to the native AVX2 kernel where it runs; its
-        # loops take the input width in steps of 32.
-        self.row_kernel = int8_row_kernel() if self.in_features % ROW_KERNEL_STEP == 0 else None
+        self.kernels = int8_kernels() if self.in_features % KERNEL_STEP == 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
+        if self._kernels_fit(rows):
+            out = self._forward_native(rows)
+        else:
+            out = self._forward_torch(rows)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _forward_torch(self, rows: torch.Tensor) -> torch.Tensor:
         num_rows = rows.shape[0]
-        if num_rows == 1 and self._row_kernel_fits(rows):
-            out = self._forward_row(rows)
-            return out.reshape(*x.shape[:-1], self.out_features)
         x_scales = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
         scaled = rows / x_scales
         high = torch.round(scaled)
         if self.activation_digits == 1:
-            out = torch._int_mm(high.to(torch.int8), self.weight.t()).to(x.dtype)
+            out = torch._int_mm(high.to(torch.int8), self.weight.t()).to(rows.dtype)
         else:
             low = torch.round((scaled - high) * LOW_DIGIT)
-            both = torch._int_mm(torch.cat([high, low]).to(torch.int8), self.weight.t()).to(x.dtype)
-            # Separately rounded ops (no alpha, no fused multiply-add): the row kernel repeats them.
+            both = torch._int_mm(torch.cat([high, low]).to(torch.int8), self.weight.t()).to(rows.dtype)
+            # Separately rounded ops (no alpha, no fused multiply-add): the native kernels repeat them.
             out = both[:num_rows] + both[num_rows:] * (1 / LOW_DIGIT)
         out = out * (x_scales * self.scales)
         if self.bias is not None:
             out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out
 
-    def _row_kernel_fits(self, rows: torch.Tensor) -> bool:
-        return (self.row_kernel is not None and rows.dtype == torch.float32 and rows.device.type == "cpu"
-                and rows.is_contiguous() and not torch.is_grad_enabled()
+    def _kernels_fit(self, rows: torch.Tensor) -> bool:
+        return (self.kernels is not None and rows.dtype == torch.float32 and rows.device.type == "cpu"
+                and rows.is_contiguous() and not torch.is_grad_enabled() and rows.shape[0] > 0
                 and (self.bias is None or (self.bias.dtype == torch.float32 and self.bias.is_contiguous())))
 
-    def _forward_row(self, row: torch.Tensor) -> torch.Tensor:
-        """One row through the native kernel: the same bits as the torch path, one call."""
-        out = torch.empty((1, self.out_features), dtype=torch.float32)
-        work = torch.empty(2 * self.in_features, dtype=torch.int8)
+    def _forward_native(self, rows: torch.Tensor) -> torch.Tensor:
+        """The same bits as _forward_torch: one row all in C, more rows C around _int_mm."""
+        num_rows, digits = rows.shape[0], self.activation_digits
+        out = torch.empty((num_rows, self.out_features), dtype=torch.float32)
+        codes = torch.empty((digits * num_rows, self.in_features), dtype=torch.int8)
         bias = None if self.bias is None else self.bias.data_ptr()
-        self.row_kernel(row.data_ptr(), self.weight.data_ptr(), self.scales.data_ptr(), bias, out.data_ptr(),
-                        self.in_features, self.out_features, self.activation_digits, work.data_ptr(),
-                        torch.get_num_threads())
+        threads = torch.get_num_threads()
+        if num_rows == 1:
+            self.kernels.row_linear(rows.data_ptr(), self.weight.data_ptr(), self.scales.data_ptr(), bias,
+                                    out.data_ptr(), self.in_features, self.out_features, digits, codes.data_ptr(),
+                                    threads)
+            return out
+        x_scales = torch.empty(num_rows, dtype=torch.float32)
+        self.kernels.quantize_rows(rows.data_ptr(), num_rows, self.in_features, digits, codes.data_ptr(),
+                                   x_scales.data_ptr(), threads)
+        sums = torch._int_mm(codes, self.weight.t())
+        self.kernels.rescale(sums.data_ptr(), num_rows, self.out_features, digits, x_scales.data_ptr(),
+                             self.scales.data_ptr(), bias, out.data_ptr(), threads)
         return out
 
 

@@ -1,8 +1,8 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler and loaded with ctypes.
 
-`int8_row_kernel()` gives the AVX2 kernel of `int8_row.c` (one activation row times int8 weights,
-bit for bit what Int8Linear's torch path computes), or None where it cannot run: not x86-64 or no
-AVX2/FMA, no C compiler, a failed build, or TOKENFORGE_NATIVE_KERNELS=0. Callers fall back to
+`int8_kernels()` gives the AVX2 kernels of `int8_linear.c` (activation rows times int8 weights,
+bit for bit what Int8Linear's torch path computes), or None where they cannot run: not x86-64 or
+no AVX2/FMA, no C compiler, a failed build, or TOKENFORGE_NATIVE_KERNELS=0. Callers fall back to
 torch then. The library is cached under the model cache (kernels/), keyed by the source and the
 flags, and links libgomp, the OpenMP runtime torch has loaded already: one pool of threads.
 """
@@ -16,6 +16,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -68,21 +70,42 @@ def build(source: str, name: str, cache_dir: Path) -> Path | None:
     return target
 
 
+@dataclass(frozen=True)
+class Int8Kernels:
+    """The ctypes functions of int8_linear.c (their C comments give the arguments)."""
+    row_linear: Callable
+    quantize_rows: Callable
+    rescale: Callable
+
+
+_POINTER, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+_SIGNATURES = {
+    # x, weight, scales, bias, out, K, N, digits, work, num_threads
+    "int8_row_linear": [_POINTER] * 5 + [_I64, _I64, _INT, _POINTER, _INT],
+    # x, M, K, digits, codes, x_scales, num_threads
+    "int8_quantize_rows": [_POINTER, _I64, _I64, _INT, _POINTER, _POINTER, _INT],
+    # acc, M, N, digits, x_scales, scales, bias, out, num_threads
+    "int8_rescale": [_POINTER, _I64, _I64, _INT] + [_POINTER] * 4 + [_INT],
+}
+
+
 @functools.cache
-def int8_row_kernel():
-    """ctypes function int8_row_linear, or None (see the module docstring)."""
+def int8_kernels() -> Int8Kernels | None:
+    """The kernels of int8_linear.c, or None (see the module docstring)."""
     if not enabled() or not cpu_supports_avx2():
         return None
-    source = resources.files(__package__).joinpath("int8_row.c").read_text()
-    path = build(source, "int8_row", default_cache_dir() / "kernels")
+    source = resources.files(__package__).joinpath("int8_linear.c").read_text()
+    path = build(source, "int8_linear", default_cache_dir() / "kernels")
     if path is None:
         return None
     try:
-        function = ctypes.CDLL(str(path)).int8_row_linear
+        library = ctypes.CDLL(str(path))
     except OSError as exc:
         logger.warning("loading native kernel %s failed, using torch: %s", path, exc)
         return None
-    pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-    function.argtypes = [pointer, pointer, pointer, pointer, pointer, i64, i64, ctypes.c_int, pointer, ctypes.c_int]
-    function.restype = None
-    return function
+    functions = []
+    for name, argtypes in _SIGNATURES.items():
+        function = getattr(library, name)
+        function.argtypes, function.restype = argtypes, None
+        functions.append(function)
+    return Int8Kernels(*functions)
