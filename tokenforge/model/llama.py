@@ -6,7 +6,8 @@ from torch import nn
 
 from tokenforge.model.arch_config import ArchConfig
 from tokenforge.model.layers.attention import AttentionMetadata, paged_attention, write_kv
-from tokenforge.model.layers.norm import RMSNorm
+from tokenforge.model.layers.native import layer_ops
+from tokenforge.model.layers.norm import RMSNorm, runs_native
 from tokenforge.model.layers.rotary import RotaryEmbedding, apply_rotary
 from tokenforge.model.registry import register
 
@@ -23,9 +24,23 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
         self.scale = self.head_dim**-0.5
+        self.ops = layer_ops()
 
     def forward(self, x, rope, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
-        qk, v = self.qkv_proj(x).split([self.q_size + self.kv_size, self.kv_size], dim=-1)
+        qkv = self.qkv_proj(x)
+        if (self.ops is not None and runs_native(qkv) and qkv.is_contiguous() and kv_cache.is_contiguous()
+                and kv_cache.dtype == torch.float32):
+            # Rotates q and k in place and writes k and v into the cache: one native call.
+            cos, sin = rope
+            self.ops.rotary_write_kv(qkv.data_ptr(), qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim,
+                                     cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(),
+                                     meta.slot_mapping.data_ptr(), torch.get_num_threads())
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q, k, v = (t.view(-1, n, self.head_dim) for t, n in ((q, self.num_heads), (k, self.num_kv_heads),
+                                                                    (v, self.num_kv_heads)))
+            o = paged_attention(q, k, v, kv_cache, meta, self.scale)
+            return self.o_proj(o.view(-1, self.q_size))
+        qk, v = qkv.split([self.q_size + self.kv_size, self.kv_size], dim=-1)
         # q and k heads rotated together: [num_tokens, num_heads + num_kv_heads, head_dim]
         qk = apply_rotary(qk.view(-1, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
@@ -42,8 +57,16 @@ class MLP(nn.Module):
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
+        self.ops = layer_ops()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.ops is not None and runs_native(gate_up) and gate_up.is_contiguous():
+            hidden = torch.empty((*gate_up.shape[:-1], self.intermediate_size), dtype=torch.float32)
+            self.ops.silu_mul(gate_up.data_ptr(), gate_up.numel() // (2 * self.intermediate_size),
+                              self.intermediate_size, hidden.data_ptr(), torch.get_num_threads())
+            return self.down_proj(hidden)
+        gate, up = gate_up.split(self.intermediate_size, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
@@ -55,9 +78,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope, kv_cache, meta) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, delta, rope, kv_cache, meta) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the residual stream, delta: the last layer's output still to be added to it (None
+        before the first layer). Returns the stream and this layer's MLP output, not yet added."""
+        x, h = self.input_layernorm.add_norm(x, delta)
+        x, h = self.post_attention_layernorm.add_norm(x, self.self_attn(h, rope, kv_cache, meta))
+        return x, self.mlp(h)
 
 
 @register("llama", "mistral", "qwen2")
@@ -80,9 +106,10 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [num_tokens]; kv_caches: [num_layers, 2, ...] -> hidden [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions, x.dtype)
+        delta = None
         for layer, kv_cache in zip(self.layers, kv_caches):
-            x = layer(x, rope, kv_cache, meta)
-        return self.norm(x)
+            x, delta = layer(x, delta, rope, kv_cache, meta)
+        return self.norm.add_norm(x, delta)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_sampled, hidden] -> [num_sampled, vocab_size]; a tied head reuses the embedding."""

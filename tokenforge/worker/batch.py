@@ -1,7 +1,8 @@
 """ForwardBatch: every tensor of one forward pass over a flat batch of sequence chunks.
 
 Used by the model runner (the target model) and the draft-model proposer alike. Chunks of one
-token (decodes) go first: attention runs them as one padded batch.
+token (decodes) go first: attention runs them as one padded batch; then the other chunks of at
+most MAX_NATIVE_QUERIES tokens, which the native attention kernel takes with the decodes.
 """
 
 from dataclasses import dataclass
@@ -9,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenforge.engine.kv_cache_manager import cdiv
-from tokenforge.model.layers.attention import AttentionMetadata
+from tokenforge.model.layers.attention import MAX_NATIVE_QUERIES, AttentionMetadata
 
 
 @dataclass
@@ -31,16 +32,20 @@ class ForwardBatch:
 
 
 def build_batch(chunks: list[SequenceChunk], block_size: int, device: torch.device) -> ForwardBatch:
-    order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids) != 1)
+    order = sorted(range(len(chunks)), key=lambda i: _kind(len(chunks[i].token_ids)))
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
     logits_indices: list[int] = []
     logits_rows: list[range] = [range(0)] * len(chunks)
+    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
     decode_tables: list[list[int]] = []
     decode_lens: list[int] = []
     prefills: list[tuple[int, int, int]] = []
     prefill_block_ids: list[torch.Tensor] = []
+    short_tables: list[list[int]] = []
+    short_seq: list[int] = []
+    short_lens: list[int] = []
     for i in order:
         chunk = chunks[i]
         n, start, block_ids = len(chunk.token_ids), chunk.start, chunk.block_ids
@@ -49,6 +54,10 @@ def build_batch(chunks: list[SequenceChunk], block_size: int, device: torch.devi
         input_ids.extend(chunk.token_ids)
         positions.extend(range(start, end))
         slots.extend(block_ids[p // block_size] * block_size + p % block_size for p in range(start, end))
+        if n <= MAX_NATIVE_QUERIES:
+            short_seq.extend([len(short_tables)] * n)
+            short_lens.extend(range(start + 1, end + 1))
+            short_tables.append(block_ids[: cdiv(end, block_size)])
         if n == 1:
             decode_tables.append(block_ids[: cdiv(end, block_size)])
             decode_lens.append(end)
@@ -65,9 +74,18 @@ def build_batch(chunks: list[SequenceChunk], block_size: int, device: torch.devi
         decode_mask=_decode_mask(decode_lens, block_size, device),
         prefills=prefills,
         prefill_block_ids=prefill_block_ids,
+        num_short_tokens=len(short_seq),
+        short_block_tables=_pad_tables(short_tables, device),
+        short_token_seq=as_tensor(short_seq),
+        short_token_lens=as_tensor(short_lens),
+        max_short_len=max(short_lens, default=0),
     )
-    as_tensor = lambda values: torch.tensor(values, dtype=torch.int64, device=device)  # noqa: E731
     return ForwardBatch(as_tensor(input_ids), as_tensor(positions), meta, as_tensor(logits_indices), logits_rows)
+
+
+def _kind(num_tokens: int) -> int:
+    """The order of chunks in a batch: decodes, then short chunks, then long ones."""
+    return 0 if num_tokens == 1 else 1 if num_tokens <= MAX_NATIVE_QUERIES else 2
 
 
 def _pad_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:

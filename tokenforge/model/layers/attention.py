@@ -3,12 +3,22 @@
 K/V of the new tokens are written at `slot_mapping`; each sequence reads its whole context back
 through its block table. Decoding sequences (one query token each) run as one padded batch;
 sequences with several query tokens (prefill chunks) run one by one with a bottom-right causal mask.
+
+For fp32 on the CPU, the tokens of chunks of at most MAX_NATIVE_QUERIES tokens (decodes, speculative
+verification) go to a native kernel (layers/native/layer_ops.c) that reads the paged cache in
+place, without gathering it, each query with the same code whatever its chunk or batch: a
+verified draft token gets the bits plain decoding would have given it. Longer chunks use SDPA.
 """
 
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from tokenforge.model.layers.native import layer_ops
+from tokenforge.model.layers.norm import runs_native
+
+MAX_NATIVE_QUERIES = 16  # chunks of up to this many tokens go to the native kernel where it runs
 
 
 @dataclass
@@ -21,6 +31,14 @@ class AttentionMetadata:
     # Prefill sequences: (first query token index, number of query tokens, context length).
     prefills: list[tuple[int, int, int]]
     prefill_block_ids: list[torch.Tensor]  # per prefill sequence: its block ids [num_blocks]
+    # The chunks of at most MAX_NATIVE_QUERIES tokens come first (decodes, then short prefills):
+    # their tokens [0, num_short_tokens), each with the row of its sequence in short_block_tables
+    # and how many positions it sees.
+    num_short_tokens: int = 0
+    short_block_tables: torch.Tensor | None = None  # [num_short_sequences, max_num_blocks] int64
+    short_token_seq: torch.Tensor | None = None  # [num_short_tokens] int64
+    short_token_lens: torch.Tensor | None = None  # [num_short_tokens] int64
+    max_short_len: int = 0
 
 
 def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -41,9 +59,15 @@ def paged_attention(
 
     Returns [num_tokens, num_heads, head_dim].
     """
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     num_kv_heads, head_dim = kv_cache.shape[3:]
-    d = meta.num_decodes
+    first_prefill = 0
+    ops = layer_ops()
+    if (ops is not None and meta.num_short_tokens and runs_native(q) and kv_cache.dtype == torch.float32
+            and kv_cache.is_contiguous()):
+        _native_attention(ops, q, kv_cache, meta, scale, out)
+        first_prefill = meta.num_short_tokens
+    d = 0 if first_prefill else meta.num_decodes
     if d:
         # One gather for K and V: [num_decodes, max_num_blocks * block_size, 2, num_kv_heads, head_dim]
         kv = kv_cache.index_select(0, meta.decode_block_tables.view(-1)).view(d, -1, 2, num_kv_heads, head_dim)
@@ -53,6 +77,8 @@ def paged_attention(
         )  # [num_decodes, num_heads, 1, head_dim]
         out[:d] = o.squeeze(2)
     for (start, num_query, context_len), block_ids in zip(meta.prefills, meta.prefill_block_ids):
+        if start < first_prefill:
+            continue  # done natively
         # 4-D [1, heads, tokens, head_dim]: 3-D inputs fall back to SDPA's slow math path on CPU.
         qs = q[start : start + num_query].transpose(0, 1).unsqueeze(0)
         if num_query == context_len:
@@ -71,3 +97,19 @@ def paged_attention(
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start : start + num_query] = o[0].transpose(0, 1)
     return out
+
+
+def _native_attention(ops, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
+                      out: torch.Tensor) -> None:
+    """The first meta.num_short_tokens queries, over the cache in place, into out."""
+    num_heads, head_dim = q.shape[1:]
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[1]
+    if q.stride(2) != 1 or q.stride(1) != head_dim:
+        q = q.contiguous()
+    threads = torch.get_num_threads()
+    tables = meta.short_block_tables
+    scores = torch.empty(threads * (num_heads // num_kv_heads) * meta.max_short_len, dtype=torch.float32)
+    ops.paged_attention(q.data_ptr(), q.stride(0), meta.num_short_tokens, num_heads, num_kv_heads, head_dim,
+                        kv_cache.data_ptr(), block_size, tables.data_ptr(), tables.shape[1],
+                        meta.short_token_seq.data_ptr(), meta.short_token_lens.data_ptr(), scale, out.data_ptr(),
+                        scores.data_ptr(), meta.max_short_len, threads)

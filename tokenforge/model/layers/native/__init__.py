@@ -1,7 +1,8 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler and loaded with ctypes.
 
 `int8_kernels()` gives the AVX2 kernels of `int8_linear.c` (activation rows times int8 weights,
-bit for bit what Int8Linear's torch path computes), or None where they cannot run: not x86-64 or
+bit for bit what Int8Linear's torch path computes), `layer_ops()` those of `layer_ops.c` (a
+decoder layer's small fp32 operations, fused); each is None where it cannot run: not x86-64 or
 no AVX2/FMA, no C compiler, a failed build, or TOKENFORGE_NATIVE_KERNELS=0. Callers fall back to
 torch then. The library is cached under the model cache (kernels/), keyed by the source and the
 flags, and links libgomp, the OpenMP runtime torch has loaded already: one pool of threads.
@@ -70,16 +71,25 @@ def build(source: str, name: str, cache_dir: Path) -> Path | None:
     return target
 
 
+_POINTER, _I64, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
+
+
+class _Shared:
+    """A table of a loaded library's functions: a copied model shares it (ctypes cannot copy it)."""
+
+    def __deepcopy__(self, memo: dict) -> "_Shared":
+        return self
+
+
 @dataclass(frozen=True)
-class Int8Kernels:
+class Int8Kernels(_Shared):
     """The ctypes functions of int8_linear.c (their C comments give the arguments)."""
     row_linear: Callable
     quantize_rows: Callable
     rescale: Callable
 
 
-_POINTER, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-_SIGNATURES = {
+_INT8_SIGNATURES = {
     # x, weight, scales, bias, out, K, N, digits, work, num_threads
     "int8_row_linear": [_POINTER] * 5 + [_I64, _I64, _INT, _POINTER, _INT],
     # x, M, K, digits, codes, x_scales, num_threads
@@ -89,13 +99,35 @@ _SIGNATURES = {
 }
 
 
-@functools.cache
-def int8_kernels() -> Int8Kernels | None:
-    """The kernels of int8_linear.c, or None (see the module docstring)."""
+@dataclass(frozen=True)
+class LayerOps(_Shared):
+    """The ctypes functions of layer_ops.c (their C comments give the arguments)."""
+    rms_norm: Callable
+    silu_mul: Callable
+    rotary_write_kv: Callable
+    paged_attention: Callable
+
+
+_LAYER_SIGNATURES = {
+    # x, delta, M, H, weight, eps, out, num_threads
+    "rms_norm": [_POINTER, _POINTER, _I64, _I64, _POINTER, _FLOAT, _POINTER, _INT],
+    # gate_up, M, I, out, num_threads
+    "silu_mul": [_POINTER, _I64, _I64, _POINTER, _INT],
+    # qkv, M, Hq, Hkv, D, cos, sin, kv_cache, slots, num_threads
+    "rotary_write_kv": [_POINTER, _I64, _I64, _I64, _I64, _POINTER, _POINTER, _POINTER, _POINTER, _INT],
+    # q, q_stride, T, Hq, Hkv, D, kv_cache, block_size, tables, table_width, seq, lens, scale, out, scores,
+    # max_len, num_threads
+    "paged_attention": [_POINTER, _I64, _I64, _I64, _I64, _I64, _POINTER, _I64, _POINTER, _I64, _POINTER, _POINTER,
+                        _FLOAT, _POINTER, _POINTER, _I64, _INT],
+}
+
+
+def load(name: str, signatures: dict[str, list]) -> list[Callable] | None:
+    """The functions of `name`.c, built on first use, or None (see the module docstring)."""
     if not enabled() or not cpu_supports_avx2():
         return None
-    source = resources.files(__package__).joinpath("int8_linear.c").read_text()
-    path = build(source, "int8_linear", default_cache_dir() / "kernels")
+    source = resources.files(__package__).joinpath(f"{name}.c").read_text()
+    path = build(source, name, default_cache_dir() / "kernels")
     if path is None:
         return None
     try:
@@ -104,8 +136,20 @@ def int8_kernels() -> Int8Kernels | None:
         logger.warning("loading native kernel %s failed, using torch: %s", path, exc)
         return None
     functions = []
-    for name, argtypes in _SIGNATURES.items():
-        function = getattr(library, name)
+    for function_name, argtypes in signatures.items():
+        function = getattr(library, function_name)
         function.argtypes, function.restype = argtypes, None
         functions.append(function)
-    return Int8Kernels(*functions)
+    return functions
+
+
+@functools.cache
+def int8_kernels() -> Int8Kernels | None:
+    functions = load("int8_linear", _INT8_SIGNATURES)
+    return None if functions is None else Int8Kernels(*functions)
+
+
+@functools.cache
+def layer_ops() -> LayerOps | None:
+    functions = load("layer_ops", _LAYER_SIGNATURES)
+    return None if functions is None else LayerOps(*functions)
