@@ -19,6 +19,7 @@ from tokenforge.model.layers.native import layer_ops
 from tokenforge.model.layers.norm import runs_native
 
 MAX_NATIVE_QUERIES = 16  # chunks of up to this many tokens go to the native kernel where it runs
+MAX_GROUP = 16  # query heads per KV head the native kernel takes (its head_dim: a multiple of 8)
 
 
 @dataclass
@@ -64,7 +65,7 @@ def paged_attention(
     first_prefill = 0
     ops = layer_ops()
     if (ops is not None and meta.num_short_tokens and runs_native(q) and kv_cache.dtype == torch.float32
-            and kv_cache.is_contiguous()):
+            and kv_cache.is_contiguous() and head_dim % 8 == 0 and q.shape[1] // num_kv_heads <= MAX_GROUP):
         _native_attention(ops, q, kv_cache, meta, scale, out)
         first_prefill = meta.num_short_tokens
     d = 0 if first_prefill else meta.num_decodes

@@ -24,11 +24,13 @@ whose output head is tied to its embedding a quantized copy to compute logits wi
 itself stays as it is: a lookup reads only the rows it needs).
 """
 
+import ctypes
+
 import torch
 from torch import nn
 
 from tokenforge.config import QUANTIZATIONS
-from tokenforge.model.layers.native import int8_kernels
+from tokenforge.model.layers.native import Int8RowArgs, int8_kernels
 
 KERNEL_STEP = 32  # the native kernels take the input width in steps of 32
 LOW_DIGIT = 254  # x / scale = hi + lo / LOW_DIGIT: lo carries the rounding error of hi, |error| <= 0.5
@@ -53,8 +55,11 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.view(1, -1))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.kernels = int8_kernels() if self.in_features % KERNEL_STEP == 0 else None
+        self._row_args: tuple | None = None  # the row kernel's fixed arguments, made on the first row
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] == 1 and self._row_fits(x):
+            return self._forward_row(x)  # single-stream decode: the shortest path
         rows = x.reshape(-1, self.in_features)
         if self._kernels_fit(rows):
             out = self._forward_native(rows)
@@ -84,18 +89,37 @@ class Int8Linear(nn.Module):
                 and rows.is_contiguous() and not torch.is_grad_enabled() and rows.shape[0] > 0
                 and (self.bias is None or (self.bias.dtype == torch.float32 and self.bias.is_contiguous())))
 
+    def _row_fits(self, row: torch.Tensor) -> bool:
+        """_kernels_fit for one row, with the layer's own checks made once (single-stream decode runs
+        ~120 layer calls a step: their Python counts)."""
+        if self._row_args is None or self._row_args[1] is not self.weight:
+            if not self._kernels_fit(row):
+                return False
+            work = torch.empty(2 * self.in_features, dtype=torch.int8)
+            bias = None if self.bias is None else self.bias.data_ptr()
+            args = Int8RowArgs(self.weight.data_ptr(), self.scales.data_ptr(), bias, work.data_ptr(), self.in_features,
+                               self.out_features, self.activation_digits, torch.get_num_threads())
+            # The tensors it points into stay referenced with it.
+            self._row_args = (args, self.weight, self.scales, self.bias, work, ctypes.addressof(args))
+        return row.dtype is torch.float32 and row.is_cpu and row.is_contiguous() and not torch.is_grad_enabled()
+
+    def _forward_row(self, row: torch.Tensor) -> torch.Tensor:
+        """One row all in C; the same bits as _forward_torch."""
+        args = self._row_args[0]
+        threads = torch.get_num_threads()
+        if args.num_threads != threads:
+            args.num_threads = threads
+        out = torch.empty(1, self.out_features)
+        self.kernels.row_linear_packed(row.data_ptr(), out.data_ptr(), self._row_args[5])
+        return out
+
     def _forward_native(self, rows: torch.Tensor) -> torch.Tensor:
-        """The same bits as _forward_torch: one row all in C, more rows C around _int_mm."""
+        """Two rows or more: C around _int_mm; the same bits as _forward_torch."""
         num_rows, digits = rows.shape[0], self.activation_digits
         out = torch.empty((num_rows, self.out_features), dtype=torch.float32)
         codes = torch.empty((digits * num_rows, self.in_features), dtype=torch.int8)
         bias = None if self.bias is None else self.bias.data_ptr()
         threads = torch.get_num_threads()
-        if num_rows == 1:
-            self.kernels.row_linear(rows.data_ptr(), self.weight.data_ptr(), self.scales.data_ptr(), bias,
-                                    out.data_ptr(), self.in_features, self.out_features, digits, codes.data_ptr(),
-                                    threads)
-            return out
         x_scales = torch.empty(num_rows, dtype=torch.float32)
         self.kernels.quantize_rows(rows.data_ptr(), num_rows, self.in_features, digits, codes.data_ptr(),
                                    x_scales.data_ptr(), threads)

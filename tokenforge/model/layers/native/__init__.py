@@ -87,6 +87,14 @@ class Int8Kernels(_Shared):
     row_linear: Callable
     quantize_rows: Callable
     rescale: Callable
+    row_linear_packed: Callable
+
+
+class Int8RowArgs(ctypes.Structure):
+    """int8_row_linear's fixed arguments for int8_row_linear_packed (struct int8_row_args)."""
+    _fields_ = [("weight", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("work", ctypes.c_void_p), ("K", ctypes.c_int64), ("N", ctypes.c_int64),
+                ("digits", ctypes.c_int32), ("num_threads", ctypes.c_int32)]
 
 
 _INT8_SIGNATURES = {
@@ -96,6 +104,8 @@ _INT8_SIGNATURES = {
     "int8_quantize_rows": [_POINTER, _I64, _I64, _INT, _POINTER, _POINTER, _INT],
     # acc, M, N, digits, x_scales, scales, bias, out, num_threads
     "int8_rescale": [_POINTER, _I64, _I64, _INT] + [_POINTER] * 4 + [_INT],
+    # x, out, struct int8_row_args *
+    "int8_row_linear_packed": [_POINTER, _POINTER, _POINTER],
 }
 
 

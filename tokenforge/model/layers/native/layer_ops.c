@@ -129,31 +129,41 @@ void rotary_write_kv(float *qkv, int64_t M, int64_t Hq, int64_t Hkv, int64_t D, 
     }
 }
 
+/* q . k over D floats (a multiple of 8), fused multiply-adds in 8 lanes, the lanes summed in a fixed order. */
+static inline float dot_fma(const float *a, const float *b, int64_t D) {
+    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
+    for (int64_t i = 8; i < D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+    return hsum8(acc);
+}
+
 /* Attention of T query tokens over the paged KV cache, read in place. Query t (its heads at
    q + t * q_stride, [Hq, D]) belongs to the sequence whose block table is tables[seq[t]] (width
    table_width) and sees the first lens[t] <= max_len positions. out: [T, Hq, D]. Query heads share
-   KV heads in groups of Hq / Hkv (at most MAX_GROUP, D at most MAX_HEAD_DIM). scores: num_threads *
+   KV heads in groups of Hq / Hkv (at most MAX_GROUP); D is a multiple of 8. scores: num_threads *
    Hq / Hkv * max_len floats of scratch. */
 #define MAX_GROUP 16
-#define MAX_HEAD_DIM 256
 
 void paged_attention(const float *q, int64_t q_stride, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
                      const float *kv_cache, int64_t block_size, const int64_t *tables, int64_t table_width,
                      const int64_t *seq, const int64_t *lens, float scale, float *out, float *scores,
                      int64_t max_len, int num_threads) {
     const int64_t group = Hq / Hkv, slot_stride = 2 * Hkv * D;
+    /* Few queries (single-stream decode): a task per query head, else per KV head (its K/V read
+       once for the group). A head's maths is the same either way. */
+    const int64_t split = T * Hkv < 4 * num_threads ? group : 1, heads_per_task = group / split;
     #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
-    for (int64_t task = 0; task < T * Hkv; task++) {
-        const int64_t t = task / Hkv, kv_head = task % Hkv, len = lens[t];
+    for (int64_t task = 0; task < T * Hkv * split; task++) {
+        const int64_t t = task / (Hkv * split), kv_head = task / split % Hkv, g0 = task % split * heads_per_task;
+        const int64_t g1 = g0 + heads_per_task, len = lens[t];
         const int64_t *table = tables + seq[t] * table_width;
         const float *qh = q + t * q_stride + kv_head * group * D;
         float *s = scores + (int64_t)omp_get_thread_num() * group * max_len;
-        for (int64_t p = 0; p < len; p++) {  /* scores, all heads of the group per key read */
+        for (int64_t p = 0; p < len; p++) {  /* scores, all heads of the task per key read */
             const float *k = kv_cache + (table[p / block_size] * block_size + p % block_size) * slot_stride + kv_head * D;
-            for (int64_t g = 0; g < group; g++) s[g * max_len + p] = dot(qh + g * D, k, D) * scale;
+            for (int64_t g = g0; g < g1; g++) s[g * max_len + p] = dot_fma(qh + g * D, k, D) * scale;
         }
         float inv[MAX_GROUP];
-        for (int64_t g = 0; g < group; g++) {  /* softmax numerators in place, and 1 / their sum */
+        for (int64_t g = g0; g < g1; g++) {  /* softmax numerators in place, and 1 / their sum */
             float *sg = s + g * max_len, m = -INFINITY;
             for (int64_t p = 0; p < len; p++) m = sg[p] > m ? sg[p] : m;
             __m256 mv = _mm256_set1_ps(m), total = _mm256_setzero_ps();
@@ -167,23 +177,21 @@ void paged_attention(const float *q, int64_t q_stride, int64_t T, int64_t Hq, in
             }
             inv[g] = 1.0f / hsum8(total);
         }
-        float acc[MAX_GROUP * MAX_HEAD_DIM];
-        memset(acc, 0, group * D * sizeof(float));
-        for (int64_t p = 0; p < len; p++) {  /* weighted values, all heads of the group per value read */
-            const float *v = kv_cache + (table[p / block_size] * block_size + p % block_size) * slot_stride
-                             + (Hkv + kv_head) * D;
-            for (int64_t g = 0; g < group; g++) {
-                __m256 w = _mm256_set1_ps(s[g * max_len + p]);
-                float *a = acc + g * D;
-                for (int64_t i = 0; i < D; i += 8)
-                    store_part(a + i, _mm256_add_ps(load_part(a + i, D - i), _mm256_mul_ps(w, load_part(v + i, D - i))),
-                               D - i);
-            }
-        }
-        for (int64_t g = 0; g < group; g++) {
+        for (int64_t g = g0; g < g1; g++) {  /* weighted values, 64 floats of a head at a time in registers */
+            const float *sg = s + g * max_len;
             float *o = out + (t * Hq + kv_head * group + g) * D;
-            for (int64_t i = 0; i < D; i += 8)
-                store_part(o + i, _mm256_mul_ps(load_part(acc + g * D + i, D - i), _mm256_set1_ps(inv[g])), D - i);
+            for (int64_t i0 = 0; i0 < D; i0 += 64) {
+                const int nv = (int)((D - i0 < 64 ? D - i0 : 64) / 8);
+                __m256 acc[8];
+                for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+                for (int64_t p = 0; p < len; p++) {
+                    const float *v = kv_cache + (table[p / block_size] * block_size + p % block_size) * slot_stride
+                                     + (Hkv + kv_head) * D + i0;
+                    __m256 w = _mm256_set1_ps(sg[p]);
+                    for (int j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), acc[j]);
+                }
+                for (int j = 0; j < nv; j++) _mm256_storeu_ps(o + i0 + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv[g])));
+            }
         }
     }
 }
