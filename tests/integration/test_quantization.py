@@ -3,7 +3,6 @@ within 1% of fp32 (issue 5's bar), w8a8 within 5% (it also rounds activations: t
 in docs/benchmarks.md); a quantized engine generates through the whole stack; and "auto" picks int8
 for an already quantized GGUF on the CPU only."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from tokenforge.config import ModelConfig
 from tokenforge.engine.factory import load, pick_quantization
 from tokenforge.errors import ConfigError
 from tokenforge.engine.llm import LLM
-from tokenforge.model.layers.quant_linear import Int8Linear
+from tokenforge.model.layers.quant_linear import Int8Linear, quantize_model
 from tokenforge.sampling_params import SamplingParams
 
 
@@ -47,8 +46,24 @@ def test_auto_quantizes_an_already_quantized_gguf_on_the_cpu_only(smollm2_path):
     assert loaded.quantized_source  # the pulled file is Q4_1
     assert any(isinstance(m, Int8Linear) and m.activation_digits == 2 for m in loaded.model.modules())
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert pick_quantization("auto", cuda, loaded) == "none"
-    assert pick_quantization("auto", cpu, SimpleNamespace(quantized_source=False)) == "none"  # fp16/fp32 files
-    assert pick_quantization("w8a8", cpu, loaded) == "w8a8"
+    assert pick_quantization("auto", cuda, loaded.quantized_source) == "none"
+    assert pick_quantization("auto", cpu, False) == "none"  # fp16/fp32 files
+    assert pick_quantization("w8a8", cpu, loaded.quantized_source) == "w8a8"
     with pytest.raises(ConfigError, match="CPU only"):
-        pick_quantization("int8", cuda, loaded)
+        pick_quantization("int8", cuda, loaded.quantized_source)
+
+
+def test_layers_quantized_while_loading_equal_layers_quantized_after(smollm2_path):
+    """The loader quantizes each linear layer as soon as its weights are in (the fp32 model never
+    exists whole): the result must be the layers quantize_model makes from the fp32 model."""
+    streamed, _, _ = load(ModelConfig(model=str(smollm2_path), quantization="int8", device="cpu"))
+    after, _, _ = load(ModelConfig(model=str(smollm2_path), quantization="none", device="cpu"))
+    quantize_model(after.model, "int8")
+    assert not any(isinstance(m, torch.nn.Linear) for m in streamed.model.modules())
+    assert streamed.num_params == after.num_params
+    buffers = dict(after.model.named_buffers())
+    for name, buffer in streamed.model.named_buffers():
+        assert torch.equal(buffer, buffers[name]), name
+    params = dict(after.model.named_parameters())
+    for name, param in streamed.model.named_parameters():
+        assert torch.equal(param, params[name]), name

@@ -11,9 +11,10 @@ from tokenforge.config import EngineConfig, ModelConfig, SpeculativeConfig, defa
 from tokenforge.engine.engine_core import EngineCore
 from tokenforge.errors import ConfigError, InvalidRequestError
 from tokenforge.model.catalog import shape_config
-from tokenforge.model.layers.quant_linear import quantize_model
+from tokenforge.model.layers.quant_linear import linear_quantizer, quantize_model
 from tokenforge.model.loader import LoadedModel, load_model
 from tokenforge.model.pull import resolve_model
+from tokenforge.worker.memory import keep_large_frees_returning
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +40,11 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
         raise InvalidRequestError(f"unknown dtype {name!r} (choose from {', '.join(_DTYPES)})") from None
 
 
-def pick_quantization(name: str, device: torch.device, loaded: LoadedModel) -> str:
+def pick_quantization(name: str, device: torch.device, quantized_source: bool) -> str:
     """auto: int8 on the CPU when the checkpoint is quantized already (its fp32 copy is no more exact
     than int8, and int8 reads a quarter of the bytes), else none. int8 and w8a8 run on the CPU only."""
     if name == "auto":
-        return "int8" if device.type == "cpu" and loaded.quantized_source else "none"
+        return "int8" if device.type == "cpu" and quantized_source else "none"
     if name != "none" and device.type != "cpu":
         raise ConfigError(f"--quantization {name} runs on the CPU only (the device is {device})")
     return name
@@ -70,11 +71,16 @@ def load(mc: ModelConfig) -> tuple[LoadedModel, torch.dtype, torch.device]:
     dtype = pick_dtype(mc.dtype, device)
     cache_dir = Path(mc.cache_dir) if mc.cache_dir else default_cache_dir()
     started = time.monotonic()
+    keep_large_frees_returning()
     dummy_config = shape_config(mc.model) if mc.load_format == "dummy" else None
     path = None if dummy_config is not None else resolve_model(mc.model, cache_dir)
+    def quantize_linear(quantized_source: bool):  # GGUF layers are quantized as they load: a lower peak
+        method = pick_quantization(mc.quantization, device, quantized_source)
+        return None if method == "none" else linear_quantizer(method)
+
     loaded = load_model(path, dtype, device, dummy_config=dummy_config, load_format=mc.load_format,
-                        seed=mc.seed, cache_dir=cache_dir)
-    quantization = pick_quantization(mc.quantization, device, loaded)
+                        seed=mc.seed, cache_dir=cache_dir, quantize_linear=quantize_linear)
+    quantization = pick_quantization(mc.quantization, device, loaded.quantized_source)
     if quantization != "none":
         with torch.no_grad():
             quantize_model(loaded.model, quantization)

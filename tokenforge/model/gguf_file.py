@@ -15,6 +15,7 @@ from tokenforge.model.pull import check_gguf_file
 
 logger = logging.getLogger(__name__)
 
+DEQUANTIZE_ROWS = 4096  # rows of a tensor dequantized at a time (see _dequantize_in_slices)
 _ARCH_NAMES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 
 
@@ -133,11 +134,25 @@ def iter_entries(entries: list[TensorEntry], path: Path):
         count = math.prod(entry.shape)
         try:
             raw = np.frombuffer(data, dtype=dtype, count=count, offset=entry.offset).reshape(entry.shape)
-            array = dequantize(raw, qtype)
+            array = _dequantize_in_slices(raw, qtype, dequantize)
         except (NotImplementedError, ValueError) as exc:
             raise ModelFileError(f"{path}: cannot read tensor {entry.name} ({qtype.name}): {exc}") from None
         # F32 tensors come back as read-only views of the file: np.require copies only those.
         yield entry.name, torch.from_numpy(np.require(array, np.float32, ["C", "W"]))
+
+
+def _dequantize_in_slices(raw: np.ndarray, qtype, dequantize) -> np.ndarray:
+    """dequantize(raw, qtype), DEQUANTIZE_ROWS rows at a time into one float32 array: the gguf
+    package's temporaries (several times the output for block formats) stay slice-sized, which
+    keeps a large embedding from doubling the loading peak."""
+    if raw.ndim < 2 or raw.shape[0] <= DEQUANTIZE_ROWS:
+        return dequantize(raw, qtype)
+    first = dequantize(raw[:DEQUANTIZE_ROWS], qtype)
+    out = np.empty((raw.shape[0], *first.shape[1:]), dtype=np.float32)
+    out[:DEQUANTIZE_ROWS] = first
+    for start in range(DEQUANTIZE_ROWS, raw.shape[0], DEQUANTIZE_ROWS):
+        out[start:start + DEQUANTIZE_ROWS] = dequantize(raw[start:start + DEQUANTIZE_ROWS], qtype)
+    return out
 
 
 def file_key(path: Path) -> str:

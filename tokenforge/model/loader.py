@@ -1,11 +1,15 @@
 """Loads a model and its tokenizer from a GGUF file or a Hugging Face safetensors directory.
 
 Parameters are allocated once in their final dtype and filled tensor by tensor, so peak memory is
-the model plus one dequantized tensor. `load_format="dummy"` fills them with random values instead.
+the model plus one dequantized tensor. With a quantization (int8 layers on the CPU), each linear
+layer's weight is allocated when its first tensor arrives and quantized as soon as it is whole, so
+the full-precision model never exists at once (peak: the int8 model plus one layer).
+`load_format="dummy"` fills them with random values instead.
 """
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,22 +39,32 @@ class LoadedModel:
             self.num_params = sum(p.numel() for p in self.model.parameters())
 
 
-def build_model(arch_config: ArchConfig, dtype: torch.dtype, device: torch.device) -> nn.Module:
-    """The module tree with uninitialised parameters of `dtype` on `device` (no init pass)."""
+def build_model(arch_config: ArchConfig, dtype: torch.dtype, device: torch.device,
+                lazy_linears: bool = False) -> nn.Module:
+    """The module tree with uninitialised parameters of `dtype` on `device` (no init pass); with
+    lazy_linears, nn.Linear parameters stay on the meta device until load_weights fills them."""
     with torch.device("meta"):
         model = get_model_class(arch_config.architecture)(arch_config)
     # Cast on the meta device (free), then allocate once: no transient fp32 copy for bf16.
-    model = model.to(dtype).to_empty(device=device)
+    model = model.to(dtype)
+    for module in model.modules():
+        if not (lazy_linears and isinstance(module, nn.Linear)):
+            module.to_empty(device=device, recurse=False)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build(device)
     return model.eval()
 
 
-def load_weights(model: nn.Module, tensors, flavor: str, permute_qk: bool) -> None:
-    """Copies (name, tensor) pairs into the model's parameters; every parameter must be filled."""
+def load_weights(model: nn.Module, tensors, flavor: str, permute_qk: bool,
+                 on_linear_filled: Callable[[nn.Linear], nn.Module] | None = None,
+                 device: torch.device | None = None) -> None:
+    """Copies (name, tensor) pairs into the model's parameters; every parameter must be filled.
+    A parameter still on the meta device is allocated on `device` when its first tensor arrives;
+    a linear layer whose parameters are all filled is replaced by on_linear_filled(layer) if given."""
     config: ArchConfig = model.config
     params = dict(model.named_parameters())
+    expected = {name: param.numel() for name, param in params.items()}
     q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
     filled: dict[str, int] = {}
     for name, tensor in tensors:
@@ -63,15 +77,42 @@ def load_weights(model: nn.Module, tensors, flavor: str, permute_qk: bool) -> No
             continue  # e.g. lm_head.weight of a model whose head is tied
         if permute_qk and part in ("q", "k"):
             tensor = weights.unpermute_rope(tensor, config.num_heads if part == "q" else config.num_kv_heads)
+        param = params[param_name]
+        if param.is_meta:
+            param = params[param_name] = _allocate(model, param_name, param, device)
         rows = weights.shard_rows(part, q_size, kv_size, config.intermediate_size)
-        target = params[param_name].data if rows is None else params[param_name].data[rows]
+        target = param.data if rows is None else param.data[rows]
         if tuple(target.shape) != tuple(tensor.shape):
             raise ModelFileError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {tuple(target.shape)}")
         target.copy_(tensor)
         filled[param_name] = filled.get(param_name, 0) + tensor.numel()
-    missing = [n for n, p in params.items() if filled.get(n, 0) != p.numel()]
+        if on_linear_filled is not None and filled[param_name] == expected[param_name]:
+            _replace_if_whole(model, param_name, params, filled, expected, on_linear_filled)
+    missing = [n for n, count in expected.items() if filled.get(n, 0) != count]
     if missing:
         raise ModelFileError(f"checkpoint lacks weights for: {', '.join(missing[:5])}")
+
+
+def _allocate(model: nn.Module, param_name: str, param: nn.Parameter, device: torch.device | None) -> nn.Parameter:
+    owner_name, _, attr = param_name.rpartition(".")
+    allocated = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device), requires_grad=False)
+    setattr(model.get_submodule(owner_name), attr, allocated)
+    return allocated
+
+
+def _replace_if_whole(model: nn.Module, param_name: str, params: dict, filled: dict, expected: dict,
+                      replace: Callable[[nn.Linear], nn.Module]) -> None:
+    """Replaces the linear layer owning param_name once all its parameters are filled, and drops
+    the references to its full-precision parameters so that their memory goes."""
+    owner_name = param_name.rpartition(".")[0]
+    owner = model.get_submodule(owner_name)
+    names = [f"{owner_name}.{attr}" for attr, _ in owner.named_parameters()]
+    if not isinstance(owner, nn.Linear) or any(filled.get(n, 0) != expected[n] for n in names):
+        return
+    parent_name, _, child = owner_name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, replace(owner))
+    for name in names:
+        del params[name]
 
 
 def init_dummy_weights(model: nn.Module, seed: int) -> None:
@@ -87,7 +128,11 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
 
 def load_model(path: Path | None, dtype: torch.dtype, device: torch.device, *,
                dummy_config: dict | None = None, load_format: str = "auto", seed: int = 0,
-               cache_dir: Path | None = None) -> LoadedModel:
+               cache_dir: Path | None = None,
+               quantize_linear: Callable[[bool], Callable[[nn.Linear], nn.Module] | None] | None = None,
+               ) -> LoadedModel:
+    """quantize_linear(quantized_source) may give the function that replaces each linear layer of a
+    GGUF model as it is loaded (None: keep them); the caller quantizes other models afterwards."""
     if path is None:
         assert dummy_config is not None
         arch_config = ArchConfig.from_hf_config(dummy_config)
@@ -98,15 +143,19 @@ def load_model(path: Path | None, dtype: torch.dtype, device: torch.device, *,
         return _load_hf_dir(path, dtype, device, load_format, seed)
     config, entries = gguf_file.read_index(path, cache_dir)
     arch_config = ArchConfig.from_hf_config(config)
-    model = build_model(arch_config, dtype, device)
+    quantized_source = gguf_file.is_quantized(entries)
+    replace = None if quantize_linear is None or load_format == "dummy" else quantize_linear(quantized_source)
+    model = build_model(arch_config, dtype, device, lazy_linears=replace is not None)
+    num_params = sum(p.numel() for p in model.parameters())  # as loaded, before any quantization
     if load_format == "dummy":
         init_dummy_weights(model, seed)
     else:
         permute = arch_config.architecture in ("llama", "mistral")
         with torch.no_grad():
-            load_weights(model, gguf_file.iter_entries(entries, path), "gguf", permute_qk=permute)
+            load_weights(model, gguf_file.iter_entries(entries, path), "gguf", permute_qk=permute,
+                         on_linear_filled=replace, device=device)
     tokenizer = gguf_file.load_tokenizer(path, cache_dir)
-    return LoadedModel(model, arch_config, tokenizer, path, quantized_source=gguf_file.is_quantized(entries))
+    return LoadedModel(model, arch_config, tokenizer, path, num_params=num_params, quantized_source=quantized_source)
 
 
 def _load_hf_dir(path: Path, dtype, device, load_format: str, seed: int) -> LoadedModel:

@@ -1,5 +1,7 @@
 """Sizes the KV cache from a memory budget: an explicit byte count or a share of free memory."""
 
+import ctypes
+import functools
 import logging
 
 import psutil
@@ -32,3 +34,19 @@ def num_kv_blocks(config: CacheConfig, arch: ArchConfig, dtype: torch.dtype, dev
     if num_blocks < 1:
         raise ValueError(f"a KV cache budget of {budget} bytes is under one block ({block_bytes} bytes)")
     return num_blocks
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+MMAP_THRESHOLD_BYTES = 256 << 10
+
+
+@functools.cache
+def keep_large_frees_returning() -> bool:
+    """Fixes glibc's mmap threshold (allocations above it are mapped and unmapped on free). By
+    default glibc raises it after each large free, up to 32 MB, so the tensors of loading (one
+    dequantized weight at a time) land on the heap, and the heap keeps what they free: measured
+    +200 MB of peak and resident memory for SmolLM2. False where this is not glibc."""
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+    except (OSError, AttributeError):
+        return False

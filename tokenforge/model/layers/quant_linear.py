@@ -25,6 +25,7 @@ itself stays as it is: a lookup reads only the rows it needs).
 """
 
 import ctypes
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -36,11 +37,17 @@ KERNEL_STEP = 32  # the native kernels take the input width in steps of 32
 LOW_DIGIT = 254  # x / scale = hi + lo / LOW_DIGIT: lo carries the rounding error of hi, |error| <= 0.5
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 codes [out, in] and one fp32 scale per output row [out, 1]."""
-    weight = weight.detach().float()
-    scales = weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
-    return torch.round(weight / scales).clamp(-127, 127).to(torch.int8), scales
+def quantize_rows(weight: torch.Tensor, slice_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes [out, in] and one fp32 scale per output row [out, 1]; computed
+    slice_rows rows at a time, so a large head's temporaries stay small."""
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty((weight.shape[0], 1), dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], slice_rows):
+        part = weight[start:start + slice_rows].detach().float()
+        part_scales = part.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+        codes[start:start + slice_rows] = torch.round(part / part_scales).clamp(-127, 127)
+        scales[start:start + slice_rows] = part_scales
+    return codes, scales
 
 
 class Int8Linear(nn.Module):
@@ -134,6 +141,12 @@ def w8a8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
 
 
 _LAYERS = {"int8": Int8Linear, "w8a8": w8a8_linear}
+
+
+def linear_quantizer(method: str) -> Callable[[nn.Linear], Int8Linear]:
+    """The function that turns one nn.Linear into `method`'s layer ("int8" or "w8a8")."""
+    make = _LAYERS[method]
+    return lambda linear: make(linear.weight, linear.bias)
 
 
 def quantize_model(model: nn.Module, method: str) -> int:
