@@ -40,7 +40,10 @@ class CacheConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 128  # running requests at once
-    max_num_batched_tokens: int = 2048  # token budget of one step (chunked prefill)
+    # Token budget of one step (chunked prefill). Smaller chunks give a burst of prompts their first
+    # tokens one after another instead of all at the end of one long step: on the CPU, 16 prompts
+    # at once had their p50 time to first token 0.6x of a 2048 budget's, throughput unchanged.
+    max_num_batched_tokens: int = 512
     max_num_waiting: int = 1024  # queue bound; past it add_request raises QueueFullError
 
 

@@ -4,6 +4,7 @@ Not thread-safe: one thread drives it (see async_engine for the asyncio front).
 """
 
 import logging
+import time
 
 import torch
 
@@ -51,6 +52,7 @@ class EngineCore:
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
         self.runner = ModelRunner(loaded.model, self.arch, num_blocks, block_size, dtype, device)
         self.spec = _build_spec_controller(config, loaded, draft, self.runner, self.max_model_len)
+        self._propose_s = 0.0  # time of the drafting for the coming step
         # Parameters of the loaded weights (tied embeddings once): what the price book buckets by.
         self.num_params = loaded.num_params
         self.detokenizers: dict[str, IncrementalDetokenizer] = {}
@@ -98,14 +100,18 @@ class EngineCore:
         if scheduled.is_empty:
             return []
         num_outputs = {r.request_id: r.num_output_tokens for r in scheduled.scheduled_requests}
+        started = time.perf_counter()
         sampled = self.runner.execute(scheduled)
         if self.spec is not None:
-            self.spec.record(scheduled, sampled)
+            # The step's time includes the drafting that prepared it (at the end of the last step).
+            self.spec.record(scheduled, sampled, time.perf_counter() - started + self._propose_s)
         updated = self.scheduler.update(scheduled, sampled)
         self.num_steps += 1
         outputs = [self._process(r, r.num_output_tokens - num_outputs[r.request_id]) for r in updated]
         if self.spec is not None:
+            started = time.perf_counter()
             self.spec.propose(self.scheduler.running)  # drafts for the next step
+            self._propose_s = time.perf_counter() - started
         return outputs
 
     def _process(self, request: Request, num_new: int) -> RequestOutput:
@@ -193,4 +199,4 @@ def _build_spec_controller(config: EngineConfig, loaded: LoadedModel, draft: Loa
                                       spec.num_speculative_tokens, target_s)
     logger.info("speculative decoding (%s), measured in target steps: a draft step %.2f, one more verified "
                 "token %.2f", spec.method, proposer.draft_cost, verify_cost)
-    return SpecController(spec, proposer, max_model_len, verify_cost)
+    return SpecController(spec, proposer, max_model_len, verify_cost, timed=True)

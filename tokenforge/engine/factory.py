@@ -14,7 +14,7 @@ from tokenforge.model.catalog import shape_config
 from tokenforge.model.layers.quant_linear import linear_quantizer, quantize_model
 from tokenforge.model.loader import LoadedModel, load_model
 from tokenforge.model.pull import resolve_model
-from tokenforge.worker.memory import keep_large_frees_returning
+from tokenforge.worker.memory import loading_memory
 
 logger = logging.getLogger(__name__)
 
@@ -71,19 +71,20 @@ def load(mc: ModelConfig) -> tuple[LoadedModel, torch.dtype, torch.device]:
     dtype = pick_dtype(mc.dtype, device)
     cache_dir = Path(mc.cache_dir) if mc.cache_dir else default_cache_dir()
     started = time.monotonic()
-    keep_large_frees_returning()
     dummy_config = shape_config(mc.model) if mc.load_format == "dummy" else None
     path = None if dummy_config is not None else resolve_model(mc.model, cache_dir)
+
     def quantize_linear(quantized_source: bool):  # GGUF layers are quantized as they load: a lower peak
         method = pick_quantization(mc.quantization, device, quantized_source)
         return None if method == "none" else linear_quantizer(method)
 
-    loaded = load_model(path, dtype, device, dummy_config=dummy_config, load_format=mc.load_format,
-                        seed=mc.seed, cache_dir=cache_dir, quantize_linear=quantize_linear)
-    quantization = pick_quantization(mc.quantization, device, loaded.quantized_source)
-    if quantization != "none":
-        with torch.no_grad():
-            quantize_model(loaded.model, quantization)
+    with loading_memory():
+        loaded = load_model(path, dtype, device, dummy_config=dummy_config, load_format=mc.load_format,
+                            seed=mc.seed, cache_dir=cache_dir, quantize_linear=quantize_linear)
+        quantization = pick_quantization(mc.quantization, device, loaded.quantized_source)
+        if quantization != "none":
+            with torch.no_grad():
+                quantize_model(loaded.model, quantization)
     logger.info("loaded %s (%s, %.0fM parameters, %s%s on %s) in %.1f s", mc.model, loaded.arch_config.architecture,
                 loaded.num_params / 1e6, dtype, "" if quantization == "none" else f", {quantization} linear layers",
                 device, time.monotonic() - started)

@@ -6,6 +6,12 @@ tokens on average and costs about 1 + k * (draft_cost + verify_cost) decode step
 best ratio, and 0 (off, re-tried after PROBE_INTERVAL steps, then twice as long after each probe
 that fails, up to MAX_PROBE_INTERVAL) when no k beats plain decoding. The engine times the draft
 and verification costs at start (spec.timing).
+
+The model leaves out what a round costs besides the two forward passes (the draft's catch-up
+rows, sampling, the engine's Python), so the engine also reports each step's wall time: a
+request's first PLAIN_STEPS decode steps run plain to time them, and once it has drafted for
+MIN_TIMED_ROUNDS rounds, drafting whose measured seconds per token exceed plain decoding's is
+switched off like a low acceptance (probes, back-off), whatever the model says.
 Above `max_num_seqs` running requests a step is compute-bound and speculation is off for all.
 """
 
@@ -27,6 +33,35 @@ PRIOR_ACCEPTANCE = 0.7  # a request's estimate before its first verification
 EMA_WEIGHT = 0.2  # weight of each new accept/reject outcome in the estimate
 PROBE_INTERVAL = 16  # steps a switched-off request waits before drafting again (first time)
 MAX_PROBE_INTERVAL = 256  # each probe that does not turn drafting back on doubles the wait, up to this
+PLAIN_STEPS = 3  # decode steps a request runs plain first, timing them (when the engine reports times)
+MIN_TIMED_ROUNDS = 4  # drafting rounds timed before measured seconds per token can switch drafting off
+TIME_EMA_WEIGHT = 0.3  # weight of each new step in the seconds-per-token estimates
+
+
+@dataclass
+class StepTimes:
+    """One request's measured seconds per generated token, decoding plain and drafting."""
+    plain_s: float | None = None
+    num_plain: int = 0
+    spec_s: float | None = None
+    num_spec: int = 0
+
+    def add(self, drafted: bool, seconds_per_token: float) -> None:
+        if drafted:
+            self.spec_s = _ema(self.spec_s, seconds_per_token)
+            self.num_spec += 1
+        else:
+            self.plain_s = _ema(self.plain_s, seconds_per_token)
+            self.num_plain += 1
+
+    @property
+    def drafting_loses(self) -> bool:
+        return (self.num_spec >= MIN_TIMED_ROUNDS and self.plain_s is not None
+                and self.spec_s is not None and self.spec_s > self.plain_s)
+
+
+def _ema(old: float | None, new: float) -> float:
+    return new if old is None else old + TIME_EMA_WEIGHT * (new - old)
 
 
 @dataclass
@@ -72,8 +107,11 @@ def can_speculate(request: "Request") -> bool:
 
 class SpecController:
     def __init__(self, config: SpeculativeConfig, proposer: Proposer, max_model_len: int,
-                 verify_cost: float = VERIFY_COST):
+                 verify_cost: float = VERIFY_COST, timed: bool = False):
+        """timed: the engine passes each step's wall time to record() (see the module docstring)."""
         self.config = config
+        self.timed = timed
+        self.step_times: dict[str, StepTimes] = {}
         self.verify_cost = verify_cost
         self.proposer = proposer
         self.max_model_len = max_model_len
@@ -90,6 +128,8 @@ class SpecController:
             del self.acceptance[request_id]
             self.num_idle_steps.pop(request_id, None)
             self.probe_intervals.pop(request_id, None)
+        for request_id in [i for i in self.step_times if i not in live]:
+            del self.step_times[request_id]
         if len(running) > self.config.max_num_seqs:
             return
         wanted = {}
@@ -118,9 +158,12 @@ class SpecController:
             k = min(k, params.max_tokens - request.num_output_tokens - 1)
         if k <= 0 or not self.config.adaptive:
             return max(k, 0)
+        times = self.step_times.setdefault(request.request_id, StepTimes()) if self.timed else None
+        if times is not None and times.num_plain < PLAIN_STEPS:
+            return 0  # time plain decoding first
         acceptance = self.acceptance.get(request.request_id, PRIOR_ACCEPTANCE)
         best = best_num_drafts(acceptance, k, self.proposer.draft_cost, self.verify_cost)
-        if best:
+        if best and not (times is not None and times.drafting_loses):
             self.probe_intervals.pop(request.request_id, None)  # drafting pays: probe soon if it stops
             return best
         idle = self.num_idle_steps.get(request.request_id, 0) + 1
@@ -134,10 +177,16 @@ class SpecController:
         self.num_idle_steps[request.request_id] = 0
         self.probe_intervals[request.request_id] = min(2 * interval, MAX_PROBE_INTERVAL)
         self.acceptance[request.request_id] = (acceptance + PRIOR_ACCEPTANCE) / 2
+        if times is not None and times.drafting_loses:
+            times.spec_s, times.num_spec = None, 0  # time drafting afresh: MIN_TIMED_ROUNDS rounds
         return 1
 
-    def record(self, scheduled: "SchedulerOutput", sampled: dict[str, list["SampledToken"]]) -> None:
-        """Counts drafted and accepted tokens of a step and updates each request's estimate."""
+    def record(self, scheduled: "SchedulerOutput", sampled: dict[str, list["SampledToken"]],
+               step_s: float | None = None) -> None:
+        """Counts drafted and accepted tokens of a step and updates each request's estimate;
+        step_s (the step's wall time, its drafting included) times the decoding requests."""
+        if self.timed and step_s is not None:
+            self._record_times(scheduled, sampled, step_s)
         for request_id, drafts in scheduled.spec_token_ids.items():
             tokens = sampled.get(request_id)
             if not tokens:
@@ -152,6 +201,15 @@ class SpecController:
             for outcome in outcomes:
                 estimate += EMA_WEIGHT * (outcome - estimate)
             self.acceptance[request_id] = estimate
+
+    def _record_times(self, scheduled: "SchedulerOutput", sampled: dict[str, list["SampledToken"]],
+                      step_s: float) -> None:
+        for request_id, times in self.step_times.items():
+            tokens = sampled.get(request_id)
+            drafts = scheduled.spec_token_ids.get(request_id, ())
+            if not tokens or scheduled.num_scheduled_tokens.get(request_id) != 1 + len(drafts):
+                continue  # not in this step, or a prompt chunk
+            times.add(bool(drafts), step_s / len(tokens))
 
     def stats_dict(self) -> dict[str, float]:
         stats = self.stats

@@ -1,5 +1,6 @@
 """Sizes the KV cache from a memory budget: an explicit byte count or a share of free memory."""
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -36,17 +37,38 @@ def num_kv_blocks(config: CacheConfig, arch: ArchConfig, dtype: torch.dtype, dev
     return num_blocks
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD_BYTES = 256 << 10
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+LOADING_MMAP_THRESHOLD = 256 << 10
+SERVING_MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold
+SERVING_TRIM_THRESHOLD = 2 * SERVING_MMAP_THRESHOLD  # what glibc pairs with it (fixing one fixes both)
+
+
+@contextlib.contextmanager
+def loading_memory():
+    """Around loading a model: glibc maps allocations above its mmap threshold and unmaps them on
+    free, but raises that threshold after each large free (up to 32 MB), so the tensors of loading
+    (one dequantized weight at a time) land on a heap that keeps what they free: measured +200 MB
+    of peak and resident memory for SmolLM2. The threshold stays low while loading; afterwards it
+    is fixed at 32 MB, with the heap trimmed only above 64 MB free, where glibc would have taken
+    both anyway (a step's activations are then reused from the heap rather than mapped and faulted
+    in afresh each time), and the heap's free memory goes back to the system. Does nothing where the C library is not glibc."""
+    libc = _glibc()
+    if libc is not None:
+        libc.mallopt(M_MMAP_THRESHOLD, LOADING_MMAP_THRESHOLD)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.malloc_trim(0)
+            libc.mallopt(M_MMAP_THRESHOLD, SERVING_MMAP_THRESHOLD)
+            libc.mallopt(M_TRIM_THRESHOLD, SERVING_TRIM_THRESHOLD)
 
 
 @functools.cache
-def keep_large_frees_returning() -> bool:
-    """Fixes glibc's mmap threshold (allocations above it are mapped and unmapped on free). By
-    default glibc raises it after each large free, up to 32 MB, so the tensors of loading (one
-    dequantized weight at a time) land on the heap, and the heap keeps what they free: measured
-    +200 MB of peak and resident memory for SmolLM2. False where this is not glibc."""
+def _glibc():
     try:
-        return bool(ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES))
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim  # noqa: B018 - both must exist
     except (OSError, AttributeError):
-        return False
+        return None
+    return libc

@@ -4,8 +4,8 @@ from tokenforge.config import SpeculativeConfig
 from tokenforge.engine.request import Request
 from tokenforge.engine.scheduler import SampledToken, SchedulerOutput
 from tokenforge.sampling_params import SamplingParams
-from tokenforge.spec.controller import (PROBE_INTERVAL, SpecController, best_num_drafts,
-                                        expected_num_tokens)
+from tokenforge.spec.controller import (MIN_TIMED_ROUNDS, PLAIN_STEPS, PROBE_INTERVAL, SpecController,
+                                        best_num_drafts, expected_num_tokens)
 from tokenforge.spec.proposer import Proposal
 
 
@@ -146,3 +146,52 @@ def test_finished_requests_are_forgotten():
     controller.propose([make_decoding_request("r")])
     assert "gone" not in controller.acceptance
     assert proposer.live == {"r"}
+
+
+def run_timed_steps(controller, proposer, request, num_steps, plain_s, spec_s_per_token, accept_all=True):
+    """Drives propose/record for one decoding request with synthetic step times (the policy is what
+    is tested here; the engine passes real wall times); returns the k asked at each step."""
+    asked = []
+    for _ in range(num_steps):
+        proposer.asked = {}
+        controller.propose([request])
+        k = proposer.asked.get("r", 0)
+        asked.append(k)
+        drafts = request.spec_token_ids if k else []
+        tokens = [SampledToken(9)] * ((len(drafts) if accept_all else 0) + 1)
+        output = SchedulerOutput(num_scheduled_tokens={"r": 1 + len(drafts)},
+                                 spec_token_ids={"r": drafts} if drafts else {})
+        step_s = spec_s_per_token * len(tokens) if drafts else plain_s
+        controller.record(output, {"r": tokens}, step_s)
+        request.spec_token_ids = []
+    return asked
+
+
+def timed_controller(proposer):
+    return SpecController(SpeculativeConfig(method="ngram", num_speculative_tokens=4), proposer,
+                          max_model_len=1000, timed=True)
+
+
+def test_timed_requests_decode_plain_first_and_keep_drafting_that_pays():
+    proposer = FixedProposer()
+    controller = timed_controller(proposer)
+    asked = run_timed_steps(controller, proposer, make_decoding_request("r"), 20, plain_s=0.1, spec_s_per_token=0.05)
+    assert asked[:PLAIN_STEPS] == [0] * PLAIN_STEPS
+    assert all(k == 4 for k in asked[PLAIN_STEPS:])
+    times = controller.step_times["r"]
+    assert times.plain_s == 0.1 and abs(times.spec_s - 0.05) < 1e-12
+
+
+def test_drafting_measured_slower_than_plain_switches_off_though_every_draft_is_accepted():
+    """Acceptance 1.0 makes the model draft; the wall times say it loses: off, then probes."""
+    proposer = FixedProposer()
+    controller = timed_controller(proposer)
+    asked = run_timed_steps(controller, proposer, make_decoding_request("r"), PLAIN_STEPS + MIN_TIMED_ROUNDS + 40,
+                            plain_s=0.1, spec_s_per_token=0.12)
+    drafting = asked[PLAIN_STEPS:PLAIN_STEPS + MIN_TIMED_ROUNDS]
+    assert drafting == [4] * MIN_TIMED_ROUNDS
+    after = asked[PLAIN_STEPS + MIN_TIMED_ROUNDS:]
+    assert after[:PROBE_INTERVAL - 1] == [0] * (PROBE_INTERVAL - 1)
+    assert after[PROBE_INTERVAL - 1] == 1  # a probe, then drafting is timed afresh
+    assert after[PROBE_INTERVAL:PROBE_INTERVAL + MIN_TIMED_ROUNDS - 1] == [4] * (MIN_TIMED_ROUNDS - 1)
+
