@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tokenforge.model.arch_config import ArchConfig
+from tokenforge.model.decode_plan import DecodePlan, fits_step
 from tokenforge.model.layers.attention import AttentionMetadata, paged_attention, write_kv
 from tokenforge.model.layers.native import layer_ops
 from tokenforge.model.layers.norm import RMSNorm, runs_native
@@ -106,10 +107,20 @@ class LlamaForCausalLM(nn.Module):
         """input_ids, positions: [num_tokens]; kv_caches: [num_layers, 2, ...] -> hidden [num_tokens, hidden]."""
         x = self.embed_tokens(input_ids)
         rope = self.rotary.lookup(positions, x.dtype)
+        if fits_step(x, kv_caches, meta):
+            plan = self._decode_plan()
+            if plan is not None:  # single-stream decode: all layers in one native call, the same bits
+                return self.norm.add_norm(x, plan.run(x, kv_caches, meta, rope))[1]
         delta = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             x, delta = layer(x, delta, rope, kv_cache, meta)
         return self.norm.add_norm(x, delta)[1]
+
+    def _decode_plan(self) -> DecodePlan | None:
+        plan = getattr(self, "decode_plan", None)  # None until made (and in a deep copy), False: does not fit
+        if plan is None or (plan and not plan.is_current(self)):
+            plan = self.decode_plan = DecodePlan.make(self) or False
+        return plan or None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[num_sampled, hidden] -> [num_sampled, vocab_size]; a tied head reuses the embedding."""

@@ -2,7 +2,9 @@
 
 `int8_kernels()` gives the AVX2 kernels of `int8_linear.c` (activation rows times int8 weights,
 bit for bit what Int8Linear's torch path computes), `layer_ops()` those of `layer_ops.c` (a
-decoder layer's small fp32 operations, fused); each is None where it cannot run: not x86-64 or
+decoder layer's small fp32 operations, fused), `decode_layers_kernel()` the single-stream decode
+of all layers in one call (`decode_layers.c`); the three files build one library. Each is None
+where it cannot run: not x86-64 or
 no AVX2/FMA, no C compiler, a failed build, or TOKENFORGE_NATIVE_KERNELS=0. Callers fall back to
 torch then. The library is cached under the model cache (kernels/), keyed by the source and the
 flags, and links libgomp, the OpenMP runtime torch has loaded already: one pool of threads.
@@ -132,18 +134,29 @@ _LAYER_SIGNATURES = {
 }
 
 
-def load(name: str, signatures: dict[str, list]) -> list[Callable] | None:
-    """The functions of `name`.c, built on first use, or None (see the module docstring)."""
+SOURCES = ("int8_linear.c", "layer_ops.c", "decode_layers.c")  # one library, in this order
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The library of SOURCES, built on first use, or None (see the module docstring)."""
     if not enabled() or not cpu_supports_avx2():
         return None
-    source = resources.files(__package__).joinpath(f"{name}.c").read_text()
-    path = build(source, name, default_cache_dir() / "kernels")
+    source = "\n".join(resources.files(__package__).joinpath(name).read_text() for name in SOURCES)
+    path = build(source, "native", default_cache_dir() / "kernels")
     if path is None:
         return None
     try:
-        library = ctypes.CDLL(str(path))
+        return ctypes.CDLL(str(path))
     except OSError as exc:
         logger.warning("loading native kernel %s failed, using torch: %s", path, exc)
+        return None
+
+
+def load(signatures: dict[str, list]) -> list[Callable] | None:
+    """The library's functions of `signatures`, typed, or None where the library cannot run."""
+    library = _library() if enabled() else None
+    if library is None:
         return None
     functions = []
     for function_name, argtypes in signatures.items():
@@ -155,11 +168,41 @@ def load(name: str, signatures: dict[str, list]) -> list[Callable] | None:
 
 @functools.cache
 def int8_kernels() -> Int8Kernels | None:
-    functions = load("int8_linear", _INT8_SIGNATURES)
+    functions = load(_INT8_SIGNATURES)
     return None if functions is None else Int8Kernels(*functions)
 
 
 @functools.cache
 def layer_ops() -> LayerOps | None:
-    functions = load("layer_ops", _LAYER_SIGNATURES)
+    functions = load(_LAYER_SIGNATURES)
     return None if functions is None else LayerOps(*functions)
+
+
+class DecodeLayer(ctypes.Structure):
+    """struct decode_layer of decode_layers.c."""
+    _fields_ = [("input_norm", ctypes.c_void_p), ("post_norm", ctypes.c_void_p), ("qkv", ctypes.c_void_p),
+                ("o", ctypes.c_void_p), ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p)]
+
+
+class DecodeModel(ctypes.Structure):
+    """struct decode_model of decode_layers.c."""
+    _fields_ = [("layers", ctypes.c_void_p), ("num_layers", ctypes.c_int64), ("H", ctypes.c_int64),
+                ("Hq", ctypes.c_int64), ("Hkv", ctypes.c_int64), ("D", ctypes.c_int64), ("I", ctypes.c_int64),
+                ("block_size", ctypes.c_int64), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
+                ("h", ctypes.c_void_p), ("qkv_out", ctypes.c_void_p), ("attn_out", ctypes.c_void_p),
+                ("o_out", ctypes.c_void_p), ("gate_up_out", ctypes.c_void_p), ("act", ctypes.c_void_p)]
+
+
+class DecodeStep(ctypes.Structure):
+    """struct decode_step of decode_layers.c."""
+    _fields_ = [("kv_caches", ctypes.c_void_p), ("layer_stride", ctypes.c_int64), ("cos", ctypes.c_void_p),
+                ("sin", ctypes.c_void_p), ("slot", ctypes.c_void_p), ("table", ctypes.c_void_p),
+                ("len", ctypes.c_void_p), ("table_width", ctypes.c_int64), ("scores", ctypes.c_void_p),
+                ("num_threads", ctypes.c_int)]
+
+
+@functools.cache
+def decode_layers_kernel() -> Callable | None:
+    """decode_layers(model *, step *, x, delta, add_first) of decode_layers.c, or None."""
+    functions = load({"decode_layers": [_POINTER, _POINTER, _POINTER, _POINTER, _INT]})
+    return None if functions is None else functions[0]

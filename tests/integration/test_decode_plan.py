@@ -1,0 +1,59 @@
+"""DecodePlan: single-stream decode of all layers in one native call gives exactly the bits of the
+layer-by-layer path (which equals any batch's), so outputs never depend on which path ran."""
+
+import pytest
+import torch
+
+from tokenforge.config import ModelConfig
+from tokenforge.engine.factory import load
+from tokenforge.model.decode_plan import DecodePlan
+from tokenforge.worker.batch import SequenceChunk, build_batch
+
+BLOCK_SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def int8_model(smollm2_path):
+    model = load(ModelConfig(model=str(smollm2_path), quantization="int8", device="cpu"))[0].model
+    if DecodePlan.make(model) is None:
+        pytest.skip("no native kernels on this machine (needs x86-64 with AVX2 and a C compiler)")
+    return model
+
+
+def decode_step(model, kv_caches, token_ids: list[int], use_plan: bool) -> torch.Tensor:
+    """Prefills token_ids[:-1], then decodes the last token; the hidden state of that token."""
+    model.decode_plan = None if use_plan else False
+    blocks = list(range(len(token_ids) // BLOCK_SIZE + 1))
+    with torch.inference_mode():
+        prefill = build_batch([SequenceChunk(token_ids[:-1], 0, blocks)], BLOCK_SIZE, torch.device("cpu"))
+        model(prefill.input_ids, prefill.positions, kv_caches, prefill.meta)
+        step = build_batch([SequenceChunk(token_ids[-1:], len(token_ids) - 1, blocks, 1)], BLOCK_SIZE,
+                           torch.device("cpu"))
+        hidden = model(step.input_ids, step.positions, kv_caches, step.meta)
+    assert (model.decode_plan is not False) == use_plan
+    return hidden
+
+
+@pytest.mark.parametrize("length", [5, 16, 40])  # within a block, a full block, over blocks
+def test_the_plan_gives_the_layer_by_layer_bits(int8_model, length):
+    config = int8_model.config
+    shape = (config.num_layers, 8, BLOCK_SIZE, 2, config.num_kv_heads, config.head_dim)
+    token_ids = [(17 * i + 3) % config.vocab_size for i in range(length)]
+    caches = torch.zeros(shape), torch.zeros(shape)
+    with_plan = decode_step(int8_model, caches[0], token_ids, use_plan=True)
+    without = decode_step(int8_model, caches[1], token_ids, use_plan=False)
+    assert torch.equal(with_plan, without)
+    assert torch.equal(caches[0], caches[1])  # the same K/V written
+    int8_model.decode_plan = None
+
+
+def test_a_replaced_layer_makes_a_new_plan(int8_model):
+    plan = DecodePlan.make(int8_model)
+    assert plan.is_current(int8_model)
+    layer = int8_model.layers[3].mlp
+    original = layer.down_proj
+    layer.down_proj = type(original)(torch.randn(original.out_features, original.in_features), None)
+    try:
+        assert not plan.is_current(int8_model)
+    finally:
+        layer.down_proj = original

@@ -1,0 +1,98 @@
+"""DecodePlan: single-stream decode of a Llama-family model in one native call per step.
+
+Where every linear layer is an int8 layer on the native row kernel and the model runs fp32 on the
+CPU, one decode token goes through all decoder layers in `decode_layers` (layers/native/
+decode_layers.c), which calls the kernels the Python path calls, in the same order: the same bits,
+without ~100 us of Python and ctypes per layer. The plan holds the C structs (pointers to the
+weights, scratch buffers); it is made on the first decode step, after quantization.
+"""
+
+import ctypes
+
+import torch
+
+from tokenforge.model.layers.native import DecodeLayer, DecodeModel, DecodeStep, decode_layers_kernel, layer_ops
+from tokenforge.model.layers.quant_linear import Int8Linear
+
+
+class DecodePlan:
+    def __init__(self, model, kernel):
+        config = model.config
+        self.kernel = kernel
+        self.linears = [linear for layer in model.layers for linear in _linears(layer)]
+        self.row_args = [linear._row_args for linear in self.linears]  # what the structs point into
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        hidden, inter = config.hidden_size, config.intermediate_size
+        width = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
+        self.scratch = [torch.empty(n) for n in (hidden, width, config.num_heads * config.head_dim, hidden,
+                                                 2 * inter, inter)]
+        self.layers = (DecodeLayer * len(model.layers))(*[
+            DecodeLayer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
+                        *[linear._row_args[5] for linear in _linears(layer)])
+            for layer in model.layers])
+        attention = model.layers[0].self_attn
+        self.model = DecodeModel(ctypes.addressof(self.layers), len(model.layers), hidden, config.num_heads,
+                                 config.num_kv_heads, config.head_dim, inter, 0, model.layers[0].input_layernorm.eps,
+                                 attention.scale, *[t.data_ptr() for t in self.scratch])
+        self.step = DecodeStep()
+        self.step_address = ctypes.addressof(self.step)
+        self.model_address = ctypes.addressof(self.model)
+
+    @classmethod
+    @torch.no_grad()
+    def make(cls, model) -> "DecodePlan | None":
+        """The plan, or None where the model does not fit it (then the Python path runs)."""
+        kernel = decode_layers_kernel()
+        config = model.config
+        if kernel is None or layer_ops() is None or config.head_dim % 8 or config.num_heads // config.num_kv_heads > 16:
+            return None
+        for layer in model.layers:
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            if any(n.weight.dtype != torch.float32 or not n.weight.is_contiguous() or n.eps != norms[0].eps
+                   for n in norms) or norms[0].eps != model.layers[0].input_layernorm.eps:
+                return None
+            for linear in _linears(layer):
+                if not isinstance(linear, Int8Linear) or not linear._row_fits(torch.zeros(1, linear.in_features)):
+                    return None
+        return cls(model, kernel)
+
+    def __deepcopy__(self, memo):
+        return None  # a copied model makes its own plan (its own weights)
+
+    def is_current(self, model) -> bool:
+        """Whether the model still has the layers (and their row arguments) the structs point into."""
+        current = [linear for layer in model.layers for linear in _linears(layer)]
+        return (len(current) == len(self.linears) and all(a is b for a, b in zip(current, self.linears))
+                and all(linear._row_args is args for linear, args in zip(current, self.row_args)))
+
+    def run(self, x: torch.Tensor, kv_caches: torch.Tensor, meta, rope) -> torch.Tensor:
+        """x: [1, hidden] embedded token, updated in place to the residual stream before the last
+        layer's MLP output; returns that output (the caller adds it and norms)."""
+        cos, sin = rope
+        tables, lens = meta.short_block_tables, meta.short_token_lens
+        threads = torch.get_num_threads()
+        group = self.num_heads // self.num_kv_heads
+        scores = torch.empty(threads * group * meta.max_short_len)
+        delta = torch.empty_like(x)
+        self.model.block_size = kv_caches.shape[2]
+        step = self.step
+        step.kv_caches, step.layer_stride = kv_caches.data_ptr(), kv_caches.stride(0)
+        step.cos, step.sin = cos.data_ptr(), sin.data_ptr()
+        step.slot, step.table, step.len = meta.slot_mapping.data_ptr(), tables.data_ptr(), lens.data_ptr()
+        step.table_width, step.scores, step.num_threads = tables.shape[1], scores.data_ptr(), threads
+        for args in self.row_args:
+            if args[0].num_threads != threads:
+                args[0].num_threads = threads
+        self.kernel(self.model_address, self.step_address, x.data_ptr(), delta.data_ptr(), 0)
+        return delta
+
+
+def _linears(layer) -> tuple:
+    return layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
+
+
+def fits_step(x: torch.Tensor, kv_caches: torch.Tensor, meta) -> bool:
+    """One decode token, fp32 on the CPU, no autograd, a contiguous fp32 cache, its native metadata."""
+    return (x.shape[0] == 1 and meta.num_decodes == 1 and meta.num_short_tokens == 1 and x.dtype == torch.float32
+            and x.is_cpu and kv_caches.dtype == torch.float32 and kv_caches.is_contiguous()
+            and not torch.is_grad_enabled())
