@@ -11,7 +11,8 @@ The model leaves out what a round costs besides the two forward passes (the draf
 rows, sampling, the engine's Python), so the engine also reports each step's wall time: a
 request's first PLAIN_STEPS decode steps run plain to time them, and once it has drafted for
 MIN_TIMED_ROUNDS rounds, drafting whose measured seconds per token exceed plain decoding's is
-switched off like a low acceptance (probes, back-off), whatever the model says.
+switched off like a low acceptance, whatever the model says; each probe's round joins the drafting
+estimate (one round, not MIN_TIMED_ROUNDS more: exploring costs a round per probe).
 Above `max_num_seqs` running requests a step is compute-bound and speculation is off for all.
 """
 
@@ -177,9 +178,7 @@ class SpecController:
         self.num_idle_steps[request.request_id] = 0
         self.probe_intervals[request.request_id] = min(2 * interval, MAX_PROBE_INTERVAL)
         self.acceptance[request.request_id] = (acceptance + PRIOR_ACCEPTANCE) / 2
-        if times is not None and times.drafting_loses:
-            times.spec_s, times.num_spec = None, 0  # time drafting afresh: MIN_TIMED_ROUNDS rounds
-        return 1
+        return 1  # timed too: its round joins the drafting estimate, which it can turn back
 
     def record(self, scheduled: "SchedulerOutput", sampled: dict[str, list["SampledToken"]],
                step_s: float | None = None) -> None:

@@ -192,6 +192,17 @@ def test_drafting_measured_slower_than_plain_switches_off_though_every_draft_is_
     assert drafting == [4] * MIN_TIMED_ROUNDS
     after = asked[PLAIN_STEPS + MIN_TIMED_ROUNDS:]
     assert after[:PROBE_INTERVAL - 1] == [0] * (PROBE_INTERVAL - 1)
-    assert after[PROBE_INTERVAL - 1] == 1  # a probe, then drafting is timed afresh
-    assert after[PROBE_INTERVAL:PROBE_INTERVAL + MIN_TIMED_ROUNDS - 1] == [4] * (MIN_TIMED_ROUNDS - 1)
+    assert after[PROBE_INTERVAL - 1] == 1  # a probe: one timed round, still slower, so off again
+    assert after[PROBE_INTERVAL:] == [0] * (len(after) - PROBE_INTERVAL)
+
+
+def test_a_probe_that_runs_faster_turns_timed_drafting_back_on():
+    proposer = FixedProposer()
+    controller = timed_controller(proposer)
+    request = make_decoding_request("r")
+    run_timed_steps(controller, proposer, request, PLAIN_STEPS + MIN_TIMED_ROUNDS, plain_s=0.1, spec_s_per_token=0.11)
+    assert controller.step_times["r"].drafting_loses
+    asked = run_timed_steps(controller, proposer, request, 3 * PROBE_INTERVAL, plain_s=0.1, spec_s_per_token=0.01)
+    assert asked[PROBE_INTERVAL - 1] == 1 and not controller.step_times["r"].drafting_loses
+    assert asked[-1] == 4  # the text became predictable: drafting is on again
 
