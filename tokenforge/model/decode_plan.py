@@ -11,6 +11,7 @@ import ctypes
 
 import torch
 
+from tokenforge.model.layers.attention import MAX_GROUP
 from tokenforge.model.layers.native import DecodeLayer, DecodeModel, DecodeStep, decode_layers_kernel, layer_ops
 from tokenforge.model.layers.quant_linear import Int8Linear
 
@@ -28,7 +29,7 @@ class DecodePlan:
                                                  2 * inter, inter)]
         self.layers = (DecodeLayer * len(model.layers))(*[
             DecodeLayer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
-                        *[linear._row_args[5] for linear in _linears(layer)])
+                        *[linear._row_args.address for linear in _linears(layer)])
             for layer in model.layers])
         attention = model.layers[0].self_attn
         self.model = DecodeModel(ctypes.addressof(self.layers), len(model.layers), hidden, config.num_heads,
@@ -44,13 +45,14 @@ class DecodePlan:
         """The plan, or None where the model does not fit it (then the Python path runs)."""
         kernel = decode_layers_kernel()
         config = model.config
-        if kernel is None or layer_ops() is None or config.head_dim % 8 or config.num_heads // config.num_kv_heads > 16:
+        if (kernel is None or layer_ops() is None or config.head_dim % 8
+                or config.num_heads // config.num_kv_heads > MAX_GROUP):  # what the native attention takes
             return None
+        norms = [norm for layer in model.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+        if len({norm.eps for norm in norms}) != 1 or any(
+                norm.weight.dtype != torch.float32 or not norm.weight.is_contiguous() for norm in norms):
+            return None  # the kernel takes one eps and fp32 norm weights
         for layer in model.layers:
-            norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            if any(n.weight.dtype != torch.float32 or not n.weight.is_contiguous() or n.eps != norms[0].eps
-                   for n in norms) or norms[0].eps != model.layers[0].input_layernorm.eps:
-                return None
             for linear in _linears(layer):
                 if not isinstance(linear, Int8Linear) or not linear._row_fits(torch.zeros(1, linear.in_features)):
                     return None
@@ -80,9 +82,9 @@ class DecodePlan:
         step.cos, step.sin = cos.data_ptr(), sin.data_ptr()
         step.slot, step.table, step.len = meta.slot_mapping.data_ptr(), tables.data_ptr(), lens.data_ptr()
         step.table_width, step.scores, step.num_threads = tables.shape[1], scores.data_ptr(), threads
-        for args in self.row_args:
-            if args[0].num_threads != threads:
-                args[0].num_threads = threads
+        for call in self.row_args:
+            if call.args.num_threads != threads:
+                call.args.num_threads = threads
         self.kernel(self.model_address, self.step_address, x.data_ptr(), delta.data_ptr(), 0)
         return delta
 

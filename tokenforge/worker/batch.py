@@ -68,7 +68,7 @@ def build_batch(chunks: list[SequenceChunk], block_size: int, device: torch.devi
             logits_rows[i] = range(len(logits_indices), len(logits_indices) + chunk.num_logits)
             logits_indices.extend(range(first + n - chunk.num_logits, first + n))
     meta = AttentionMetadata(
-        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        slot_mapping=as_tensor(slots),
         num_decodes=len(decode_lens),
         decode_block_tables=_pad_tables(decode_tables, device),
         decode_mask=_decode_mask(decode_lens, block_size, device),

@@ -26,6 +26,7 @@ itself stays as it is: a lookup reads only the rows it needs).
 
 import ctypes
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -50,6 +51,14 @@ def quantize_rows(weight: torch.Tensor, slice_rows: int = 4096) -> tuple[torch.T
     return codes, scales
 
 
+class RowCall(NamedTuple):
+    """A layer's fixed arguments of int8_row_linear_packed, and the tensors they point into."""
+    args: Int8RowArgs
+    address: int  # of args, as the kernel takes it
+    weight: torch.Tensor  # the codes args point into: a replaced weight makes a new RowCall
+    kept: tuple  # scales, bias, the digits' work buffer: referenced for as long as args is
+
+
 class Int8Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation_digits: int = 2):
         super().__init__()
@@ -62,7 +71,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.view(1, -1))
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.kernels = int8_kernels() if self.in_features % KERNEL_STEP == 0 else None
-        self._row_args: tuple | None = None  # the row kernel's fixed arguments, made on the first row
+        self._row_args: RowCall | None = None  # the row kernel's fixed arguments, made on the first row
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[0] == 1 and self._row_fits(x):
@@ -99,25 +108,24 @@ class Int8Linear(nn.Module):
     def _row_fits(self, row: torch.Tensor) -> bool:
         """_kernels_fit for one row, with the layer's own checks made once (single-stream decode runs
         ~120 layer calls a step: their Python counts)."""
-        if self._row_args is None or self._row_args[1] is not self.weight:
+        if self._row_args is None or self._row_args.weight is not self.weight:
             if not self._kernels_fit(row):
                 return False
             work = torch.empty(2 * self.in_features, dtype=torch.int8)
             bias = None if self.bias is None else self.bias.data_ptr()
             args = Int8RowArgs(self.weight.data_ptr(), self.scales.data_ptr(), bias, work.data_ptr(), self.in_features,
                                self.out_features, self.activation_digits, torch.get_num_threads())
-            # The tensors it points into stay referenced with it.
-            self._row_args = (args, self.weight, self.scales, self.bias, work, ctypes.addressof(args))
+            self._row_args = RowCall(args, ctypes.addressof(args), self.weight, (self.scales, self.bias, work))
         return row.dtype is torch.float32 and row.is_cpu and row.is_contiguous() and not torch.is_grad_enabled()
 
     def _forward_row(self, row: torch.Tensor) -> torch.Tensor:
         """One row all in C; the same bits as _forward_torch."""
-        args = self._row_args[0]
+        call = self._row_args
         threads = torch.get_num_threads()
-        if args.num_threads != threads:
-            args.num_threads = threads
+        if call.args.num_threads != threads:
+            call.args.num_threads = threads
         out = torch.empty(1, self.out_features)
-        self.kernels.row_linear_packed(row.data_ptr(), out.data_ptr(), self._row_args[5])
+        self.kernels.row_linear_packed(row.data_ptr(), out.data_ptr(), call.address)
         return out
 
     def _forward_native(self, rows: torch.Tensor) -> torch.Tensor:

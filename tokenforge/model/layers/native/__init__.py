@@ -86,7 +86,6 @@ class _Shared:
 @dataclass(frozen=True)
 class Int8Kernels(_Shared):
     """The ctypes functions of int8_linear.c (their C comments give the arguments)."""
-    row_linear: Callable
     quantize_rows: Callable
     rescale: Callable
     row_linear_packed: Callable
@@ -100,8 +99,6 @@ class Int8RowArgs(ctypes.Structure):
 
 
 _INT8_SIGNATURES = {
-    # x, weight, scales, bias, out, K, N, digits, work, num_threads
-    "int8_row_linear": [_POINTER] * 5 + [_I64, _I64, _INT, _POINTER, _INT],
     # x, M, K, digits, codes, x_scales, num_threads
     "int8_quantize_rows": [_POINTER, _I64, _I64, _INT, _POINTER, _POINTER, _INT],
     # acc, M, N, digits, x_scales, scales, bias, out, num_threads
@@ -140,7 +137,7 @@ SOURCES = ("int8_linear.c", "layer_ops.c", "decode_layers.c")  # one library, in
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The library of SOURCES, built on first use, or None (see the module docstring)."""
-    if not enabled() or not cpu_supports_avx2():
+    if not cpu_supports_avx2():
         return None
     source = "\n".join(resources.files(__package__).joinpath(name).read_text() for name in SOURCES)
     path = build(source, "native", default_cache_dir() / "kernels")
@@ -154,7 +151,8 @@ def _library() -> ctypes.CDLL | None:
 
 
 def load(signatures: dict[str, list]) -> list[Callable] | None:
-    """The library's functions of `signatures`, typed, or None where the library cannot run."""
+    """The library's functions of `signatures`, typed, or None where the library cannot run
+    (TOKENFORGE_NATIVE_KERNELS is read on each call, the built library is kept)."""
     library = _library() if enabled() else None
     if library is None:
         return None

@@ -28,12 +28,9 @@ struct decode_step {
     int num_threads;
 };
 
-static void row_linear(const struct int8_row_args *a, const float *x, float *out, int num_threads) {
-    int8_row_linear(x, a->weight, a->scales, a->bias, out, a->K, a->N, a->digits, a->work, num_threads);
-}
-
 /* x: the residual stream [H] (updated in place); delta: [H], in: the last layer's MLP output still to
-   be added (ignored when add_first is 0), out: the last layer's MLP output. */
+   be added (ignored when add_first is 0), out: the last layer's MLP output. The linear layers' row
+   arguments carry their thread count (the caller sets them to s->num_threads). */
 void decode_layers(const struct decode_model *m, const struct decode_step *s, float *x, float *delta,
                    int add_first) {
     const int64_t seq = 0, width = (m->Hq + 2 * m->Hkv) * m->D;
@@ -41,14 +38,14 @@ void decode_layers(const struct decode_model *m, const struct decode_step *s, fl
         const struct decode_layer *l = m->layers + i;
         float *kv = s->kv_caches + i * s->layer_stride;
         rms_norm(x, (i > 0 || add_first) ? delta : NULL, 1, m->H, l->input_norm, m->eps, m->h, s->num_threads);
-        row_linear(l->qkv, m->h, m->qkv_out, s->num_threads);
+        int8_row_linear_packed(m->h, m->qkv_out, l->qkv);
         rotary_write_kv(m->qkv_out, 1, m->Hq, m->Hkv, m->D, s->cos, s->sin, kv, s->slot, s->num_threads);
         paged_attention(m->qkv_out, width, 1, m->Hq, m->Hkv, m->D, kv, m->block_size, s->table, s->table_width,
                         &seq, s->len, m->scale, m->attn_out, s->scores, s->len[0], s->num_threads);
-        row_linear(l->o, m->attn_out, m->o_out, s->num_threads);
+        int8_row_linear_packed(m->attn_out, m->o_out, l->o);
         rms_norm(x, m->o_out, 1, m->H, l->post_norm, m->eps, m->h, s->num_threads);
-        row_linear(l->gate_up, m->h, m->gate_up_out, s->num_threads);
+        int8_row_linear_packed(m->h, m->gate_up_out, l->gate_up);
         silu_mul(m->gate_up_out, 1, m->I, m->act, s->num_threads);
-        row_linear(l->down, m->act, delta, s->num_threads);
+        int8_row_linear_packed(m->act, delta, l->down);
     }
 }
