@@ -35,6 +35,10 @@ class CacheConfig:
     # Tests and tools only: an exact block count overrides the memory budget.
     num_blocks_override: int | None = None
     enable_prefix_caching: bool = True
+    # auto | float32 | float16 | bfloat16. auto: fp16 under an fp32 model on the CPU where the native
+    # kernels run (half the memory and the bytes attention reads; llama.cpp's default too), else the
+    # model's dtype.
+    cache_dtype: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class SchedulerConfig:
 
 SPECULATIVE_METHODS = ("ngram", "draft")
 QUANTIZATIONS = ("auto", "none", "int8", "w8a8")
+CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)

@@ -10,11 +10,11 @@ TEST_KV_BYTES = 256 << 20
 def make_engine_core(loaded, *, num_blocks: int | None = None, block_size: int = 16, prefix_caching: bool = True,
                      max_num_batched_tokens: int = 2048, max_num_seqs: int = 128,
                      max_num_waiting: int = 1024, speculative: SpeculativeConfig | None = None,
-                     draft=None) -> EngineCore:
+                     draft=None, cache_dtype: str = CacheConfig.cache_dtype) -> EngineCore:
     """`draft`: a LoadedModel for speculative method "draft"."""
     model, dtype, device = loaded
     cache = CacheConfig(block_size=block_size, kv_cache_memory_bytes=TEST_KV_BYTES,
-                        num_blocks_override=num_blocks, enable_prefix_caching=prefix_caching)
+                        num_blocks_override=num_blocks, enable_prefix_caching=prefix_caching, cache_dtype=cache_dtype)
     scheduler = SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 max_num_waiting=max_num_waiting)
     config = EngineConfig(cache=cache, scheduler=scheduler, speculative=speculative or SpeculativeConfig())

@@ -23,6 +23,7 @@ VOCAB_SIZE = 384
 MAX_LOGIT_DIFF = 1e-4  # fp32, same weights (seen: about 1e-6)
 BF16_MAX_LOGIT_DIFF = 0.15  # bf16 against fp32 logits of up to ~4 (seen: about 0.05)
 NUM_NEW_TOKENS = 16
+EXACT_CACHE = "float32"  # the default CPU cache holds fp16: these tests compare the maths at fp32
 NUM_BLOCKS = 64  # of 16 tokens: room for every prompt of a test at once
 SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
              vocab_size=VOCAB_SIZE, bos_token_id=1, eos_token_id=2, initializer_range=0.1)
@@ -78,7 +79,7 @@ def load(path: Path, dtype=torch.float32, **kwargs):
 
 def engine_prompt_logits(loaded, prompts: list[list[int]]) -> list[torch.Tensor]:
     """Our logits at every prompt position, all prompts in one engine step: [len(prompt), vocab] each."""
-    engine = make_engine_core(loaded, num_blocks=NUM_BLOCKS, prefix_caching=False)
+    engine = make_engine_core(loaded, num_blocks=NUM_BLOCKS, prefix_caching=False, cache_dtype=EXACT_CACHE)
     for index, token_ids in enumerate(prompts):
         engine.scheduler.add_request(Request(f"logits-{index}", token_ids, SamplingParams(max_tokens=1)))
     scheduled = engine.scheduler.schedule()
@@ -142,7 +143,8 @@ def test_prompt_logits_match_hf(tiny):
 def test_greedy_matches_hf(tiny):
     _, hf_model, path = tiny
     prompts = make_prompts((3, 20, 80), seed=1)
-    llm = LLM(engine=make_engine_core(load(path), num_blocks=NUM_BLOCKS, prefix_caching=False))
+    engine = make_engine_core(load(path), num_blocks=NUM_BLOCKS, prefix_caching=False, cache_dtype=EXACT_CACHE)
+    llm = LLM(engine=engine)
     outputs = llm.generate(prompts, GREEDY)
     for prompt, output in zip(prompts, outputs):
         assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, NUM_NEW_TOKENS)
@@ -156,7 +158,7 @@ def test_bf16_runs_close_to_fp32(tmp_path):
     prompts = make_prompts()
     assert_logits_close(engine_prompt_logits(loaded, prompts), [hf_prompt_logits(hf_model, p) for p in prompts],
                         BF16_MAX_LOGIT_DIFF)
-    llm = LLM(engine=make_engine_core(loaded, num_blocks=NUM_BLOCKS))
+    llm = LLM(engine=make_engine_core(loaded, num_blocks=NUM_BLOCKS, cache_dtype=EXACT_CACHE))
     for output in llm.generate(prompts, GREEDY):
         token_ids = output.outputs[0].token_ids
         assert len(token_ids) == NUM_NEW_TOKENS and all(0 <= t < VOCAB_SIZE for t in token_ids)
@@ -168,7 +170,8 @@ def test_dummy_load_format_reads_no_weights(tmp_path):
     make_word_tokenizer(VOCAB_SIZE, tmp_path)
     assert not list(tmp_path.glob("*.safetensors"))
     loaded = load(tmp_path, load_format="dummy")
-    outputs = LLM(engine=make_engine_core(loaded, num_blocks=NUM_BLOCKS)).generate(make_prompts(), GREEDY)
+    engine = make_engine_core(loaded, num_blocks=NUM_BLOCKS, cache_dtype=EXACT_CACHE)
+    outputs = LLM(engine=engine).generate(make_prompts(), GREEDY)
     for output in outputs:
         token_ids = output.outputs[0].token_ids
         assert len(token_ids) == NUM_NEW_TOKENS and all(0 <= t < VOCAB_SIZE for t in token_ids)

@@ -7,6 +7,7 @@ import torch
 from tokenforge.config import ModelConfig
 from tokenforge.engine.factory import load
 from tokenforge.model.decode_plan import DecodePlan
+from tokenforge.model.layers.attention import kv_cache_shape
 from tokenforge.worker.batch import SequenceChunk, build_batch
 
 BLOCK_SIZE = 16
@@ -34,12 +35,13 @@ def decode_step(model, kv_caches, token_ids: list[int], use_plan: bool) -> torch
     return hidden
 
 
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("length", [5, 16, 40])  # within a block, a full block, over blocks
-def test_the_plan_gives_the_layer_by_layer_bits(int8_model, length):
+def test_the_plan_gives_the_layer_by_layer_bits(int8_model, length, cache_dtype):
     config = int8_model.config
-    shape = (config.num_layers, 8, BLOCK_SIZE, 2, config.num_kv_heads, config.head_dim)
+    shape = (config.num_layers, *kv_cache_shape(8, BLOCK_SIZE, config.num_kv_heads, config.head_dim))
     token_ids = [(17 * i + 3) % config.vocab_size for i in range(length)]
-    caches = torch.zeros(shape), torch.zeros(shape)
+    caches = torch.zeros(shape, dtype=cache_dtype), torch.zeros(shape, dtype=cache_dtype)
     with_plan = decode_step(int8_model, caches[0], token_ids, use_plan=True)
     without = decode_step(int8_model, caches[1], token_ids, use_plan=False)
     assert torch.equal(with_plan, without)
@@ -57,3 +59,29 @@ def test_a_replaced_layer_makes_a_new_plan(int8_model):
         assert not plan.is_current(int8_model)
     finally:
         layer.down_proj = original
+
+
+@pytest.mark.parametrize("query_lengths", [[1, 1], [1, 1, 1, 1], [3], [1, 2, 1]])
+def test_a_few_tokens_get_the_layer_by_layer_bits(int8_model, query_lengths):
+    """Decodes of a few streams and short verification chunks, up to MAX_PLAN_ROWS tokens in one call."""
+    config = int8_model.config
+    shape = (config.num_layers, *kv_cache_shape(16, BLOCK_SIZE, config.num_kv_heads, config.head_dim))
+    caches = torch.zeros(shape, dtype=torch.float16), torch.zeros(shape, dtype=torch.float16)
+    results = []
+    for use_plan, kv_caches in zip((True, False), caches):
+        int8_model.decode_plan = None if use_plan else False
+        chunks = []
+        with torch.inference_mode():
+            for index, num_query in enumerate(query_lengths):  # prefill each sequence but its last tokens
+                token_ids = [(13 * i + 5 * index + 1) % config.vocab_size for i in range(20 + 7 * index)]
+                blocks = [4 * index + b for b in range(4)]
+                prefill = build_batch([SequenceChunk(token_ids[:-num_query], 0, blocks)], BLOCK_SIZE,
+                                      torch.device("cpu"))
+                int8_model(prefill.input_ids, prefill.positions, kv_caches, prefill.meta)
+                chunks.append(SequenceChunk(token_ids[-num_query:], len(token_ids) - num_query, blocks, num_query))
+            step = build_batch(chunks, BLOCK_SIZE, torch.device("cpu"))
+            results.append(int8_model(step.input_ids, step.positions, kv_caches, step.meta))
+        assert isinstance(int8_model.decode_plan, DecodePlan) == use_plan  # made by this step: it ran
+    assert torch.equal(results[0], results[1])
+    assert torch.equal(caches[0], caches[1])
+    int8_model.decode_plan = None

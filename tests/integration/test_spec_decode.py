@@ -185,8 +185,10 @@ def test_the_distribution_check_can_fail(smollm2_loaded, short_draft, target_sam
     assert min_p_value(target_samples, sample_tuples(draft_alone)) < 1e-3 / 6
 
 
-def test_seeded_sampling_with_speculation_reproduces(smollm2_loaded):
-    llm = make_llm(smollm2_loaded, speculative=NGRAM)
+def test_seeded_sampling_with_speculation_reproduces(smollm2_int8_loaded):
+    """A seeded request samples the same tokens alone or beside another (whose drafts change how its
+    tokens are grouped into verification chunks): on the served int8 path, bits never depend on the batch."""
+    llm = make_llm(smollm2_int8_loaded, speculative=NGRAM)
     params = SamplingParams(temperature=1.0, max_tokens=12, seed=7, ignore_eos=True)
     first = token_ids(llm, [STAT_PROMPT], params)
     assert token_ids(llm, [STAT_PROMPT, PROMPTS[0]], params)[0] == first[0]

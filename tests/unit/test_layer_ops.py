@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tokenforge.model.layers.attention import AttentionMetadata, paged_attention, write_kv
+from tokenforge.model.layers.attention import AttentionMetadata, kv_cache_shape, paged_attention, write_kv
 from tokenforge.model.layers.native import layer_ops
 from tokenforge.model.layers.norm import RMSNorm
 from tokenforge.model.layers.rotary import RotaryEmbedding, apply_rotary
@@ -46,14 +46,15 @@ def test_silu_mul_matches_torch_and_each_row_alone():
     assert torch.equal(row, out[3:4])
 
 
-def test_rotary_write_kv_matches_torch():
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_rotary_write_kv_matches_torch(cache_dtype):
     ops = layer_ops()
     heads, kv_heads, head_dim, tokens = 6, 2, 64, 5
     rotary = RotaryEmbedding(head_dim, 64, 10000.0)
     positions = torch.tensor([0, 3, 7, 8, 40])
     cos, sin = rotary.lookup(positions, torch.float32)
     qkv = torch.randn(tokens, (heads + 2 * kv_heads) * head_dim)
-    cache = torch.zeros(4, 16, 2, kv_heads, head_dim)
+    cache = torch.zeros(kv_cache_shape(4, 16, kv_heads, head_dim), dtype=cache_dtype)
     slots = torch.tensor([0, 5, 17, 33, 63])
     q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
     expected_q = apply_rotary(q.reshape(tokens, heads, head_dim), cos, sin)
@@ -62,23 +63,32 @@ def test_rotary_write_kv_matches_torch():
     write_kv(expected_cache, expected_k, v.reshape(tokens, kv_heads, head_dim), slots)
     native = qkv.clone()
     ops.rotary_write_kv(native.data_ptr(), tokens, heads, kv_heads, head_dim, cos.data_ptr(), sin.data_ptr(),
-                        cache.data_ptr(), slots.data_ptr(), 2)
+                        cache.data_ptr(), cache_dtype == torch.float16, 16, slots.data_ptr(), 2)
     torch.testing.assert_close(native[:, :heads * head_dim].view(tokens, heads, head_dim), expected_q)
-    torch.testing.assert_close(cache, expected_cache)
+    if cache_dtype == torch.float32:
+        torch.testing.assert_close(cache, expected_cache)
+    else:  # the rotated k and v, each rounded to nearest fp16 as torch rounds them
+        native_kv = native[:, heads * head_dim:].view(tokens, 2, kv_heads, head_dim)
+        assert torch.equal(cache[slots // 16, :, :, slots % 16], native_kv.to(torch.float16))
+        torch.testing.assert_close(cache.float(), expected_cache.float(), rtol=1e-3, atol=1e-3)
 
 
 def attention(q, cache, chunks, native: bool) -> torch.Tensor:
-    meta = build_batch(chunks, cache.shape[1], torch.device("cpu")).meta
+    meta = build_batch(chunks, cache.shape[3], torch.device("cpu")).meta
     if not native:
         meta = dataclasses.replace(meta, num_short_tokens=0)  # every token on the torch path
     k = v = torch.empty(0)  # unused: the cache holds every chunk's K/V already
     return paged_attention(q, k, v, cache, meta, 0.125)
 
 
-def test_paged_attention_matches_sdpa_and_a_verified_query_equals_its_decode():
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 64), (8, 1, 40), (4, 4, 16), (14, 2, 24)])
+def test_paged_attention_matches_sdpa_and_a_verified_query_equals_its_decode(cache_dtype, heads, kv_heads, head_dim):
+    """Groups of 3, 8, 1 and 7 query heads per KV head (the kernel sums values 3 heads at a time);
+    head sizes in steps of 32 floats, of 8, and both."""
     generator = torch.Generator().manual_seed(2)
-    block_size, heads, kv_heads, head_dim = 4, 6, 2, 64
-    cache = torch.randn(32, block_size, 2, kv_heads, head_dim, generator=generator)
+    block_size = 4
+    cache = torch.randn(kv_cache_shape(32, block_size, kv_heads, head_dim), generator=generator).to(cache_dtype)
     tables = [[3, 9, 1, 4, 20], [7, 2, 30, 11, 12, 13, 14, 15, 16, 17], [5, 6, 8, 10, 18, 19, 21, 22]]
     chunks = [
         SequenceChunk([1], 17, tables[0]),  # a decode at position 17

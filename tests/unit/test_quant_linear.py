@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tokenforge.model.layers.native import int8_kernels
-from tokenforge.model.layers.quant_linear import Int8Linear, quantize_model, quantize_rows
+from tokenforge.model.layers.quant_linear import Int8Embedding, Int8Linear, quantize_model, quantize_rows
 
 
 def make_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
@@ -74,8 +74,24 @@ def test_quantize_model_replaces_every_linear_and_the_tied_head(method):
     layers = [model.block[0], model.block[2], model.lm_head]
     assert all(isinstance(layer, Int8Linear) and layer.activation_digits == digits for layer in layers)
     assert model.block[0].bias is not None and model.block[2].bias is None
-    assert torch.equal(model.embed_tokens.weight, embedding)  # the lookup table stays as it was
-    assert not any(isinstance(m, nn.Linear) for m in model.modules())
+    # The embedding shares the head's codes (held once) and looks rows up from them.
+    assert isinstance(model.embed_tokens, Int8Embedding) and model.embed_tokens.weight is model.lm_head.weight
+    ids = torch.tensor([0, 7, 99, 7])
+    looked_up = model.embed_tokens(ids)
+    assert torch.equal(looked_up, model.lm_head.weight[ids].float() * model.lm_head.scales.view(-1, 1)[ids])
+    step = embedding.abs().amax(dim=1, keepdim=True)[ids] / 127  # one int8 step of each row
+    assert ((looked_up - embedding[ids]).abs() <= step / 2 + 1e-7).all()
+    assert not any(isinstance(m, (nn.Linear, nn.Embedding)) for m in model.modules())
+
+
+def test_an_untied_model_gets_its_own_int8_embedding():
+    model = Tiny()
+    model.lm_head = nn.Linear(64, 100, bias=False)
+    embedding = model.embed_tokens.weight.detach().clone()
+    assert quantize_model(model, "int8") == 3
+    assert isinstance(model.embed_tokens, Int8Embedding) and model.embed_tokens.weight is not model.lm_head.weight
+    codes, scales = quantize_rows(embedding)
+    assert torch.equal(model.embed_tokens(torch.tensor([3])), codes[3:4].float() * scales[3:4])
 
 
 def test_quantize_model_none_and_unknown():
@@ -108,6 +124,13 @@ def test_the_native_kernels_give_the_torch_paths_bits(digits, in_features, out_f
         assert torch.equal(native, reference)
         for i in range(num_rows):  # each row alone: the same bits as inside the batch
             assert torch.equal(layer(rows[i:i + 1]), native[i:i + 1])
+        call = layer._row_args  # the few-rows kernel of the one-call decode, from 1 to 5 rows
+        for count in range(1, min(num_rows, 5) + 1):
+            out = torch.empty(count, out_features)
+            codes, x_scales = torch.empty(2 * count * in_features, dtype=torch.int8), torch.empty(count)
+            layer.kernels.rows_linear(rows.data_ptr(), out.data_ptr(), count, call.address, codes.data_ptr(),
+                                      x_scales.data_ptr())
+            assert torch.equal(out, native[:count])
 
 
 def test_no_native_kernel_when_switched_off_or_the_width_does_not_fit(monkeypatch):

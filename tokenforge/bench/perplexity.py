@@ -8,6 +8,7 @@ from importlib import resources
 
 import torch
 
+from tokenforge.model.layers.attention import kv_cache_shape
 from tokenforge.worker.batch import SequenceChunk, build_batch
 
 BLOCK_SIZE = 16
@@ -37,9 +38,9 @@ def _prefill_logits(model: torch.nn.Module, token_ids: list[int]) -> torch.Tenso
     """Logits [len(token_ids), vocab] of one sequence run as a single prefill."""
     config = model.config
     num_blocks = math.ceil(len(token_ids) / BLOCK_SIZE)
-    weight = model.embed_tokens.weight
-    kv_caches = torch.zeros(config.num_layers, num_blocks, BLOCK_SIZE, 2, config.num_kv_heads, config.head_dim,
-                            dtype=weight.dtype, device=weight.device)
+    weight = model.norm.weight  # the model's dtype and device (its embedding may hold int8)
+    shape = kv_cache_shape(num_blocks, BLOCK_SIZE, config.num_kv_heads, config.head_dim)
+    kv_caches = torch.zeros(config.num_layers, *shape, dtype=weight.dtype, device=weight.device)
     chunk = SequenceChunk(token_ids, start=0, block_ids=list(range(num_blocks)), num_logits=len(token_ids))
     batch = build_batch([chunk], BLOCK_SIZE, weight.device)
     hidden = model(batch.input_ids, batch.positions, kv_caches, batch.meta)

@@ -4,8 +4,8 @@ import argparse
 import re
 from pathlib import Path
 
-from tokenforge.config import (DEFAULT_MODEL, QUANTIZATIONS, SPECULATIVE_METHODS, CacheConfig, EngineConfig,
-                               ModelConfig, SchedulerConfig, SpeculativeConfig)
+from tokenforge.config import (CACHE_DTYPES, DEFAULT_MODEL, QUANTIZATIONS, SPECULATIVE_METHODS, CacheConfig,
+                               EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig)
 from tokenforge.errors import ConfigError
 from tokenforge.sampling_params import MAX_SPECULATIVE_TOKENS
 
@@ -23,9 +23,9 @@ def parse_bytes(text: str) -> int:
 
 # The engine options, by their argparse names; `tokenforge serve`'s config file uses the same keys.
 ENGINE_OPTIONS = ("model", "dtype", "quantization", "device", "load_format", "max_model_len", "kv_cache_memory",
-                  "block_size", "no_prefix_caching", "max_num_seqs", "max_num_batched_tokens", "max_num_waiting",
-                  "cache_dir", "speculative_method", "num_speculative_tokens", "draft_model", "draft_quantization",
-                  "speculative_max_num_seqs")
+                  "kv_cache_dtype", "block_size", "no_prefix_caching", "max_num_seqs", "max_num_batched_tokens",
+                  "max_num_waiting", "cache_dir", "speculative_method", "num_speculative_tokens", "draft_model",
+                  "draft_quantization", "speculative_max_num_seqs")
 
 
 def add_engine_args(parser: argparse.ArgumentParser, *, repeat_model: bool = False) -> None:
@@ -47,6 +47,10 @@ def add_engine_args(parser: argparse.ArgumentParser, *, repeat_model: bool = Fal
     group.add_argument("--max-model-len", type=int, default=None, help="context length (default: the model's)")
     group.add_argument("--kv-cache-memory", type=parse_bytes, default=None,
                        help="KV cache budget, e.g. 2GiB (default: a share of free memory)")
+    group.add_argument("--kv-cache-dtype", default=CacheConfig.cache_dtype,
+                       choices=CACHE_DTYPES,
+                       help="KV cache elements; auto (default): float16 under a float32 model on the CPU where the "
+                            "native kernels run (half the memory), else the model's dtype")
     group.add_argument("--block-size", type=int, default=CacheConfig.block_size, help="tokens per KV block")
     group.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     group.add_argument("--max-num-seqs", type=int, default=SchedulerConfig.max_num_seqs,
@@ -88,7 +92,8 @@ def engine_config_from_options(options: dict) -> EngineConfig:
                           load_format=options["load_format"], max_model_len=options["max_model_len"],
                           cache_dir=cache_dir),
         cache=CacheConfig(block_size=options["block_size"], kv_cache_memory_bytes=kv_cache_memory,
-                          enable_prefix_caching=not options["no_prefix_caching"]),
+                          enable_prefix_caching=not options["no_prefix_caching"],
+                          cache_dtype=options.get("kv_cache_dtype", CacheConfig.cache_dtype)),
         scheduler=SchedulerConfig(max_num_seqs=options["max_num_seqs"],
                                   max_num_batched_tokens=options["max_num_batched_tokens"],
                                   max_num_waiting=options["max_num_waiting"]),

@@ -21,7 +21,7 @@ from tokenforge.spec.controller import SpecController
 from tokenforge.spec.draft_model import DraftModelProposer
 from tokenforge.spec.ngram import NgramProposer
 from tokenforge.spec.timing import measure_verify_cost, time_forward_pass
-from tokenforge.worker.memory import num_kv_blocks
+from tokenforge.worker.memory import num_kv_blocks, pick_cache_dtype
 from tokenforge.worker.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,8 @@ class EngineCore:
         self.arch = loaded.arch_config
         self.tokenizer = loaded.tokenizer
         block_size = config.cache.block_size
-        num_blocks = num_kv_blocks(config.cache, self.arch, dtype, device)
+        cache_dtype = pick_cache_dtype(config.cache.cache_dtype, dtype, device)
+        num_blocks = num_kv_blocks(config.cache, self.arch, cache_dtype, device)
         capacity = num_blocks * block_size
         model_len = config.model.max_model_len or self.arch.max_position_embeddings
         if model_len > self.arch.max_position_embeddings:
@@ -46,11 +47,11 @@ class EngineCore:
         self.max_model_len = min(model_len, capacity)
         if self.max_model_len < model_len:
             logger.warning("KV cache holds %d tokens: max_model_len lowered from %d", capacity, model_len)
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB)", num_blocks, block_size,
-                    capacity, capacity * self.arch.kv_bytes_per_token(dtype.itemsize) / 2**20)
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens, %.1f MiB of %s)", num_blocks, block_size,
+                    capacity, capacity * self.arch.kv_bytes_per_token(cache_dtype.itemsize) / 2**20, cache_dtype)
         self.kv_cache_manager = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv_cache_manager, self.max_model_len)
-        self.runner = ModelRunner(loaded.model, self.arch, num_blocks, block_size, dtype, device)
+        self.runner = ModelRunner(loaded.model, self.arch, num_blocks, block_size, cache_dtype, device)
         self.spec = _build_spec_controller(config, loaded, draft, self.runner, self.max_model_len)
         self._propose_s = 0.0  # time of the drafting for the coming step
         # Parameters of the loaded weights (tied embeddings once): what the price book buckets by.

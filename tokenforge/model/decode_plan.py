@@ -1,19 +1,24 @@
-"""DecodePlan: single-stream decode of a Llama-family model in one native call per step.
+"""DecodePlan: decode of a few tokens of a Llama-family model in one native call per step.
 
-Where every linear layer is an int8 layer on the native row kernel and the model runs fp32 on the
-CPU, one decode token goes through all decoder layers in `decode_layers` (layers/native/
+Where every linear layer is an int8 layer on the native row kernels and the model runs fp32 on the
+CPU, a step of up to MAX_PLAN_ROWS tokens that all go to the native attention (decodes of a few
+streams, a draft's verification) runs all decoder layers in `decode_layers` (layers/native/
 decode_layers.c), which calls the kernels the Python path calls, in the same order: the same bits,
-without ~100 us of Python and ctypes per layer. The plan holds the C structs (pointers to the
-weights, scratch buffers); it is made on the first decode step, after quantization.
+without ~100 us of Python, ctypes and torch per layer. Its linear layers read each weight once for
+all the step's tokens; from MAX_PLAN_ROWS tokens on, MKL's integer GEMM (_int_mm, on the Python
+path) does more multiplies per second than it loses to Python. The plan holds the C structs
+(pointers to the weights, scratch buffers); it is made on the first step it fits, after quantization.
 """
 
 import ctypes
 
 import torch
 
-from tokenforge.model.layers.attention import MAX_GROUP
+from tokenforge.model.layers.attention import MAX_GROUP, native_kv_cache
 from tokenforge.model.layers.native import DecodeLayer, DecodeModel, DecodeStep, decode_layers_kernel, layer_ops
 from tokenforge.model.layers.quant_linear import Int8Linear
+
+MAX_PLAN_ROWS = 6  # tokens a step may have to run in one call (measured: see the module docstring)
 
 
 class DecodePlan:
@@ -23,10 +28,13 @@ class DecodePlan:
         self.linears = [linear for layer in model.layers for linear in _linears(layer)]
         self.row_args = [linear._row_args for linear in self.linears]  # what the structs point into
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        hidden, inter = config.hidden_size, config.intermediate_size
+        hidden, inter, rows = config.hidden_size, config.intermediate_size, MAX_PLAN_ROWS
         width = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
-        self.scratch = [torch.empty(n) for n in (hidden, width, config.num_heads * config.head_dim, hidden,
-                                                 2 * inter, inter)]
+        self.scratch = [torch.empty(rows * n) for n in (hidden, width, config.num_heads * config.head_dim, hidden,
+                                                        2 * inter, inter)]
+        widest_input = max(hidden, config.num_heads * config.head_dim, inter)
+        self.codes = torch.empty(2 * rows * widest_input, dtype=torch.int8)
+        self.x_scales = torch.empty(rows)
         self.layers = (DecodeLayer * len(model.layers))(*[
             DecodeLayer(layer.input_layernorm.weight.data_ptr(), layer.post_attention_layernorm.weight.data_ptr(),
                         *[linear._row_args.address for linear in _linears(layer)])
@@ -34,7 +42,8 @@ class DecodePlan:
         attention = model.layers[0].self_attn
         self.model = DecodeModel(ctypes.addressof(self.layers), len(model.layers), hidden, config.num_heads,
                                  config.num_kv_heads, config.head_dim, inter, 0, model.layers[0].input_layernorm.eps,
-                                 attention.scale, *[t.data_ptr() for t in self.scratch])
+                                 attention.scale, *[t.data_ptr() for t in self.scratch], self.codes.data_ptr(),
+                                 self.x_scales.data_ptr(), rows)
         self.step = DecodeStep()
         self.step_address = ctypes.addressof(self.step)
         self.model_address = ctypes.addressof(self.model)
@@ -68,20 +77,23 @@ class DecodePlan:
                 and all(linear._row_args is args for linear, args in zip(current, self.row_args)))
 
     def run(self, x: torch.Tensor, kv_caches: torch.Tensor, meta, rope) -> torch.Tensor:
-        """x: [1, hidden] embedded token, updated in place to the residual stream before the last
-        layer's MLP output; returns that output (the caller adds it and norms)."""
+        """x: [num_tokens, hidden] embedded tokens, updated in place to the residual stream before the
+        last layer's MLP output; returns that output (the caller adds it and norms)."""
         cos, sin = rope
-        tables, lens = meta.short_block_tables, meta.short_token_lens
+        tables = meta.short_block_tables
         threads = torch.get_num_threads()
         group = self.num_heads // self.num_kv_heads
         scores = torch.empty(threads * group * meta.max_short_len)
         delta = torch.empty_like(x)
-        self.model.block_size = kv_caches.shape[2]
+        self.model.block_size = kv_caches.shape[4]  # [num_layers, *kv_cache_shape(...)]
         step = self.step
         step.kv_caches, step.layer_stride = kv_caches.data_ptr(), kv_caches.stride(0)
         step.cos, step.sin = cos.data_ptr(), sin.data_ptr()
-        step.slot, step.table, step.len = meta.slot_mapping.data_ptr(), tables.data_ptr(), lens.data_ptr()
+        step.slots, step.tables = meta.slot_mapping.data_ptr(), tables.data_ptr()
+        step.seq, step.lens = meta.short_token_seq.data_ptr(), meta.short_token_lens.data_ptr()
         step.table_width, step.scores, step.num_threads = tables.shape[1], scores.data_ptr(), threads
+        step.kv_half = kv_caches.dtype == torch.float16
+        step.num_rows, step.max_len = x.shape[0], meta.max_short_len
         for call in self.row_args:
             if call.args.num_threads != threads:
                 call.args.num_threads = threads
@@ -94,7 +106,7 @@ def _linears(layer) -> tuple:
 
 
 def fits_step(x: torch.Tensor, kv_caches: torch.Tensor, meta) -> bool:
-    """One decode token, fp32 on the CPU, no autograd, a contiguous fp32 cache, its native metadata."""
-    return (x.shape[0] == 1 and meta.num_decodes == 1 and meta.num_short_tokens == 1 and x.dtype == torch.float32
-            and x.is_cpu and kv_caches.dtype == torch.float32 and kv_caches.is_contiguous()
-            and not torch.is_grad_enabled())
+    """Up to MAX_PLAN_ROWS tokens, all of them for the native attention, fp32 on the CPU, no autograd,
+    a cache the native kernels take."""
+    return (x.shape[0] <= MAX_PLAN_ROWS and meta.num_short_tokens == x.shape[0] and x.dtype == torch.float32
+            and x.is_cpu and native_kv_cache(kv_caches) and not torch.is_grad_enabled())

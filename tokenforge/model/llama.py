@@ -6,7 +6,7 @@ from torch import nn
 
 from tokenforge.model.arch_config import ArchConfig
 from tokenforge.model.decode_plan import DecodePlan, fits_step
-from tokenforge.model.layers.attention import AttentionMetadata, paged_attention, write_kv
+from tokenforge.model.layers.attention import AttentionMetadata, native_kv_cache, paged_attention, write_kv
 from tokenforge.model.layers.native import layer_ops
 from tokenforge.model.layers.norm import RMSNorm, runs_native
 from tokenforge.model.layers.rotary import RotaryEmbedding, apply_rotary
@@ -29,12 +29,12 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, kv_cache, meta: AttentionMetadata) -> torch.Tensor:
         qkv = self.qkv_proj(x)
-        if (self.ops is not None and runs_native(qkv) and qkv.is_contiguous() and kv_cache.is_contiguous()
-                and kv_cache.dtype == torch.float32):
+        if self.ops is not None and runs_native(qkv) and qkv.is_contiguous() and native_kv_cache(kv_cache):
             # Rotates q and k in place and writes k and v into the cache: one native call.
             cos, sin = rope
             self.ops.rotary_write_kv(qkv.data_ptr(), qkv.shape[0], self.num_heads, self.num_kv_heads, self.head_dim,
                                      cos.data_ptr(), sin.data_ptr(), kv_cache.data_ptr(),
+                                     kv_cache.dtype == torch.float16, kv_cache.shape[3],
                                      meta.slot_mapping.data_ptr(), torch.get_num_threads())
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q, k, v = (t.view(-1, n, self.head_dim) for t, n in ((q, self.num_heads), (k, self.num_kv_heads),

@@ -19,7 +19,7 @@ from tokenforge.spec.proposer import Proposal
 from tokenforge.spec.rejection import draw
 from tokenforge.spec.timing import time_forward_pass
 from tokenforge.worker.batch import SequenceChunk, build_batch
-from tokenforge.worker.model_runner import allocate_zeroed
+from tokenforge.worker.model_runner import allocate_kv_caches
 from tokenforge.worker.sampler import sampling_probs
 
 if TYPE_CHECKING:
@@ -56,8 +56,7 @@ class DraftModelProposer:
         self.device = device
         self.block_size = block_size
         arch = draft.arch_config
-        shape = (arch.num_layers, num_blocks, block_size, 2, arch.num_kv_heads, arch.head_dim)
-        self.kv_caches = allocate_zeroed(shape, dtype, device)  # as the target's (ModelRunner)
+        self.kv_caches = allocate_kv_caches(arch, num_blocks, block_size, dtype, device)  # as the target's
         self.block_pool = BlockPool(num_blocks, enable_caching=False)
         self.sequences: dict[str, _DraftSequence] = {}
         # A decode step reads every weight once: its cost scales with the parameter count, until

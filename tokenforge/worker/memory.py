@@ -1,4 +1,5 @@
-"""Sizes the KV cache from a memory budget: an explicit byte count or a share of free memory."""
+"""Sizes the KV cache from a memory budget (an explicit byte count or a share of free memory) and
+picks its element type."""
 
 import contextlib
 import ctypes
@@ -8,14 +9,17 @@ import logging
 import psutil
 import torch
 
-from tokenforge.config import CacheConfig
+from tokenforge.config import CACHE_DTYPES, CacheConfig
+from tokenforge.errors import ConfigError
 from tokenforge.model.arch_config import ArchConfig
+from tokenforge.model.layers.native import layer_ops
 
 logger = logging.getLogger(__name__)
 
 CPU_DEFAULT_SHARE = 0.2  # of available RAM
 CPU_DEFAULT_CAP_BYTES = 4 << 30
 GPU_DEFAULT_SHARE = 0.85  # of free device memory after the weights are loaded
+_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def default_kv_cache_bytes(device: torch.device) -> int:
@@ -23,6 +27,16 @@ def default_kv_cache_bytes(device: torch.device) -> int:
         free_bytes, _ = torch.cuda.mem_get_info(device)
         return int(free_bytes * GPU_DEFAULT_SHARE)
     return int(min(psutil.virtual_memory().available * CPU_DEFAULT_SHARE, CPU_DEFAULT_CAP_BYTES))
+
+
+def pick_cache_dtype(name: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's element type (CacheConfig.cache_dtype) under a model of `dtype`."""
+    if name == "auto":
+        native = device.type == "cpu" and dtype == torch.float32 and layer_ops() is not None
+        return torch.float16 if native else dtype
+    if name not in _CACHE_DTYPES:
+        raise ConfigError(f"unknown KV cache dtype {name!r} (choose from {', '.join(CACHE_DTYPES)})")
+    return _CACHE_DTYPES[name]
 
 
 def num_kv_blocks(config: CacheConfig, arch: ArchConfig, dtype: torch.dtype, device: torch.device) -> int:

@@ -12,20 +12,18 @@ import torch
 from tokenforge.engine.request import Request
 from tokenforge.engine.scheduler import SampledToken, SchedulerOutput
 from tokenforge.model.arch_config import ArchConfig
+from tokenforge.model.layers.attention import kv_cache_shape
 from tokenforge.worker.batch import ForwardBatch, SequenceChunk, build_batch
 from tokenforge.worker.sampler import Sampler
 
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, arch: ArchConfig, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device):
+                 cache_dtype: torch.dtype, device: torch.device):
         self.model = model
         self.device = device
         self.block_size = block_size
-        # [num_layers, num_blocks, block_size, 2 (k, v), num_kv_heads, head_dim]; zeroed so that
-        # padded reads of never-written slots see finite values.
-        shape = (arch.num_layers, num_blocks, block_size, 2, arch.num_kv_heads, arch.head_dim)
-        self.kv_caches = allocate_zeroed(shape, dtype, device)
+        self.kv_caches = allocate_kv_caches(arch, num_blocks, block_size, cache_dtype, device)
         self.sampler = Sampler()
 
     @torch.inference_mode()
@@ -72,6 +70,14 @@ def _draft_probs(request: Request, num_drafts: int) -> torch.Tensor | None:
     """q of the drafts the scheduler kept (it may cut them short); None for one-hot drafts."""
     probs = request.spec_draft_probs
     return None if probs is None else probs[:num_drafts]
+
+
+def allocate_kv_caches(arch: ArchConfig, num_blocks: int, block_size: int, dtype: torch.dtype,
+                       device: torch.device) -> torch.Tensor:
+    """[num_layers, *kv_cache_shape(...)], zeroed so that padded reads of never-written slots see
+    finite values."""
+    shape = (arch.num_layers, *kv_cache_shape(num_blocks, block_size, arch.num_kv_heads, arch.head_dim))
+    return allocate_zeroed(shape, dtype, device)
 
 
 def allocate_zeroed(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:

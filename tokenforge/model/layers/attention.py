@@ -20,6 +20,12 @@ from tokenforge.model.layers.norm import runs_native
 
 MAX_NATIVE_QUERIES = 16  # chunks of up to this many tokens go to the native kernel where it runs
 MAX_GROUP = 16  # query heads per KV head the native kernel takes (its head_dim: a multiple of 8)
+NATIVE_KV_DTYPES = (torch.float32, torch.float16)  # the cache element types the native kernels read and write
+
+
+def native_kv_cache(kv_cache: torch.Tensor) -> bool:
+    """Whether the native kernels take this cache: fp32 or fp16, contiguous, head_dim a multiple of 8."""
+    return kv_cache.dtype in NATIVE_KV_DTYPES and kv_cache.is_contiguous() and kv_cache.shape[-1] % 8 == 0
 
 
 @dataclass
@@ -42,14 +48,32 @@ class AttentionMetadata:
     max_short_len: int = 0
 
 
-def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """kv_cache: [num_blocks, block_size, 2, num_kv_heads, head_dim]; k, v: [num_tokens, num_kv_heads, head_dim].
+def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
+    """One layer's KV cache: [num_blocks, 2 (k, v), num_kv_heads, block_size, head_dim].
 
-    Blocks come first so that reading a block table is one contiguous row gather (index_select).
+    Blocks come first so that reading a block table is one contiguous row gather (index_select); in
+    a block, each head's keys (and values) lie together, so attention streams runs of block_size *
+    head_dim elements (reading one head's row out of each token's K/V of all heads ran at a quarter
+    of the memory's bandwidth here, measured).
     """
-    num_kv_heads, head_dim = k.shape[1:]
-    slots = kv_cache.view(-1, 2, num_kv_heads, head_dim)
-    slots.index_copy_(0, slot_mapping, torch.stack((k, v), dim=1))
+    return num_blocks, 2, num_kv_heads, block_size, head_dim
+
+
+def write_kv(kv_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """kv_cache: kv_cache_shape(...); k, v: [num_tokens, num_kv_heads, head_dim]; slot_mapping:
+    [num_tokens], slot = block id * block_size + offset in the block."""
+    block_size = kv_cache.shape[3]
+    blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
+    # Indices on dims 0 and 3 around two slices: the indexed view is [num_tokens, 2, num_kv_heads, head_dim].
+    kv_cache[blocks, :, :, offsets] = torch.stack((k, v), dim=1).to(kv_cache.dtype)
+
+
+def _gather(kv_cache: torch.Tensor, block_ids: torch.Tensor, num_sequences: int) -> torch.Tensor:
+    """The blocks of block_ids ([num_sequences * blocks each]) as [num_sequences, 2, num_kv_heads,
+    blocks each * block_size, head_dim]: each sequence's keys and values per head in position order."""
+    _, _, num_kv_heads, block_size, head_dim = kv_cache.shape
+    kv = kv_cache.index_select(0, block_ids).view(num_sequences, -1, 2, num_kv_heads, block_size, head_dim)
+    return kv.permute(0, 2, 3, 1, 4, 5).reshape(num_sequences, 2, num_kv_heads, -1, head_dim)
 
 
 def paged_attention(
@@ -61,20 +85,19 @@ def paged_attention(
     Returns [num_tokens, num_heads, head_dim].
     """
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    num_kv_heads, head_dim = kv_cache.shape[3:]
+    num_kv_heads, head_dim = kv_cache.shape[2], kv_cache.shape[4]
     first_prefill = 0
     ops = layer_ops()
-    if (ops is not None and meta.num_short_tokens and runs_native(q) and kv_cache.dtype == torch.float32
-            and kv_cache.is_contiguous() and head_dim % 8 == 0 and q.shape[1] // num_kv_heads <= MAX_GROUP):
+    if (ops is not None and meta.num_short_tokens and runs_native(q) and native_kv_cache(kv_cache)
+            and q.shape[1] // num_kv_heads <= MAX_GROUP):
         _native_attention(ops, q, kv_cache, meta, scale, out)
         first_prefill = meta.num_short_tokens
     d = 0 if first_prefill else meta.num_decodes
     if d:
-        # One gather for K and V: [num_decodes, max_num_blocks * block_size, 2, num_kv_heads, head_dim]
-        kv = kv_cache.index_select(0, meta.decode_block_tables.view(-1)).view(d, -1, 2, num_kv_heads, head_dim)
+        # One gather for K and V: [num_decodes, 2, num_kv_heads, max_num_blocks * block_size, head_dim]
+        kv = _gather(kv_cache, meta.decode_block_tables.view(-1), d).to(q.dtype)  # fp16 cache: to the model's
         o = F.scaled_dot_product_attention(
-            q[:d].unsqueeze(2), kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2),
-            attn_mask=meta.decode_mask, scale=scale, enable_gqa=True,
+            q[:d].unsqueeze(2), kv[:, 0], kv[:, 1], attn_mask=meta.decode_mask, scale=scale, enable_gqa=True,
         )  # [num_decodes, num_heads, 1, head_dim]
         out[:d] = o.squeeze(2)
     for (start, num_query, context_len), block_ids in zip(meta.prefills, meta.prefill_block_ids):
@@ -88,13 +111,12 @@ def paged_attention(
             vs = v[start : start + num_query].transpose(0, 1).unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            kv = kv_cache.index_select(0, block_ids).view(-1, 2, num_kv_heads, head_dim)[:context_len]
+            kv = _gather(kv_cache, block_ids, 1)[0, :, :, :context_len].to(q.dtype)  # [2, kv heads, context, dim]
             # Query i sits at position context_len - num_query + i and sees keys up to there.
             offset = context_len - num_query
             rows = torch.arange(num_query, device=q.device).unsqueeze(1) + offset
             mask = torch.arange(context_len, device=q.device).unsqueeze(0) <= rows
-            ks = kv[:, 0].transpose(0, 1).unsqueeze(0)
-            vs = kv[:, 1].transpose(0, 1).unsqueeze(0)
+            ks, vs = kv[0].unsqueeze(0), kv[1].unsqueeze(0)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start : start + num_query] = o[0].transpose(0, 1)
     return out
@@ -104,13 +126,14 @@ def _native_attention(ops, q: torch.Tensor, kv_cache: torch.Tensor, meta: Attent
                       out: torch.Tensor) -> None:
     """The first meta.num_short_tokens queries, over the cache in place, into out."""
     num_heads, head_dim = q.shape[1:]
-    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[1]
+    num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
     if q.stride(2) != 1 or q.stride(1) != head_dim:
         q = q.contiguous()
     threads = torch.get_num_threads()
     tables = meta.short_block_tables
     scores = torch.empty(threads * (num_heads // num_kv_heads) * meta.max_short_len, dtype=torch.float32)
     ops.paged_attention(q.data_ptr(), q.stride(0), meta.num_short_tokens, num_heads, num_kv_heads, head_dim,
-                        kv_cache.data_ptr(), block_size, tables.data_ptr(), tables.shape[1],
+                        kv_cache.data_ptr(), kv_cache.dtype == torch.float16, block_size, tables.data_ptr(),
+                        tables.shape[1],
                         meta.short_token_seq.data_ptr(), meta.short_token_lens.data_ptr(), scale, out.data_ptr(),
                         scores.data_ptr(), meta.max_short_len, threads)

@@ -5,7 +5,7 @@ bit for bit what Int8Linear's torch path computes), `layer_ops()` those of `laye
 decoder layer's small fp32 operations, fused), `decode_layers_kernel()` the single-stream decode
 of all layers in one call (`decode_layers.c`); the three files build one library. Each is None
 where it cannot run: not x86-64 or
-no AVX2/FMA, no C compiler, a failed build, or TOKENFORGE_NATIVE_KERNELS=0. Callers fall back to
+no AVX2/FMA/F16C, no C compiler, a failed build, or TOKENFORGE_NATIVE_KERNELS=0. Callers fall back to
 torch then. The library is cached under the model cache (kernels/), keyed by the source and the
 flags, and links libgomp, the OpenMP runtime torch has loaded already: one pool of threads.
 """
@@ -30,8 +30,8 @@ from tokenforge.config import default_cache_dir
 
 logger = logging.getLogger(__name__)
 
-FLAGS = ("-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-shared", "-fPIC")
-REQUIRED_CPU_FLAGS = {"avx2", "fma"}
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-shared", "-fPIC")
+REQUIRED_CPU_FLAGS = {"avx2", "fma", "f16c"}
 
 
 def enabled() -> bool:
@@ -89,6 +89,7 @@ class Int8Kernels(_Shared):
     quantize_rows: Callable
     rescale: Callable
     row_linear_packed: Callable
+    rows_linear: Callable
 
 
 class Int8RowArgs(ctypes.Structure):
@@ -105,6 +106,8 @@ _INT8_SIGNATURES = {
     "int8_rescale": [_POINTER, _I64, _I64, _INT] + [_POINTER] * 4 + [_INT],
     # x, out, struct int8_row_args *
     "int8_row_linear_packed": [_POINTER, _POINTER, _POINTER],
+    # x, out, M, struct int8_row_args *, codes, x_scales
+    "int8_rows_linear": [_POINTER, _POINTER, _I64, _POINTER, _POINTER, _POINTER],
 }
 
 
@@ -122,12 +125,12 @@ _LAYER_SIGNATURES = {
     "rms_norm": [_POINTER, _POINTER, _I64, _I64, _POINTER, _FLOAT, _POINTER, _INT],
     # gate_up, M, I, out, num_threads
     "silu_mul": [_POINTER, _I64, _I64, _POINTER, _INT],
-    # qkv, M, Hq, Hkv, D, cos, sin, kv_cache, slots, num_threads
-    "rotary_write_kv": [_POINTER, _I64, _I64, _I64, _I64, _POINTER, _POINTER, _POINTER, _POINTER, _INT],
-    # q, q_stride, T, Hq, Hkv, D, kv_cache, block_size, tables, table_width, seq, lens, scale, out, scores,
-    # max_len, num_threads
-    "paged_attention": [_POINTER, _I64, _I64, _I64, _I64, _I64, _POINTER, _I64, _POINTER, _I64, _POINTER, _POINTER,
-                        _FLOAT, _POINTER, _POINTER, _I64, _INT],
+    # qkv, M, Hq, Hkv, D, cos, sin, kv_cache, kv_half, block_size, slots, num_threads
+    "rotary_write_kv": [_POINTER, _I64, _I64, _I64, _I64, _POINTER, _POINTER, _POINTER, _INT, _I64, _POINTER, _INT],
+    # q, q_stride, T, Hq, Hkv, D, kv_cache, kv_half, block_size, tables, table_width, seq, lens, scale, out,
+    # scores, max_len, num_threads
+    "paged_attention": [_POINTER, _I64, _I64, _I64, _I64, _I64, _POINTER, _INT, _I64, _POINTER, _I64, _POINTER,
+                        _POINTER, _FLOAT, _POINTER, _POINTER, _I64, _INT],
 }
 
 
@@ -188,15 +191,17 @@ class DecodeModel(ctypes.Structure):
                 ("Hq", ctypes.c_int64), ("Hkv", ctypes.c_int64), ("D", ctypes.c_int64), ("I", ctypes.c_int64),
                 ("block_size", ctypes.c_int64), ("eps", ctypes.c_float), ("scale", ctypes.c_float),
                 ("h", ctypes.c_void_p), ("qkv_out", ctypes.c_void_p), ("attn_out", ctypes.c_void_p),
-                ("o_out", ctypes.c_void_p), ("gate_up_out", ctypes.c_void_p), ("act", ctypes.c_void_p)]
+                ("o_out", ctypes.c_void_p), ("gate_up_out", ctypes.c_void_p), ("act", ctypes.c_void_p),
+                ("codes", ctypes.c_void_p), ("x_scales", ctypes.c_void_p), ("max_rows", ctypes.c_int64)]
 
 
 class DecodeStep(ctypes.Structure):
     """struct decode_step of decode_layers.c."""
     _fields_ = [("kv_caches", ctypes.c_void_p), ("layer_stride", ctypes.c_int64), ("cos", ctypes.c_void_p),
-                ("sin", ctypes.c_void_p), ("slot", ctypes.c_void_p), ("table", ctypes.c_void_p),
-                ("len", ctypes.c_void_p), ("table_width", ctypes.c_int64), ("scores", ctypes.c_void_p),
-                ("num_threads", ctypes.c_int)]
+                ("sin", ctypes.c_void_p), ("slots", ctypes.c_void_p), ("tables", ctypes.c_void_p),
+                ("seq", ctypes.c_void_p), ("lens", ctypes.c_void_p), ("table_width", ctypes.c_int64),
+                ("scores", ctypes.c_void_p), ("num_threads", ctypes.c_int), ("kv_half", ctypes.c_int),
+                ("num_rows", ctypes.c_int64), ("max_len", ctypes.c_int64)]
 
 
 @functools.cache

@@ -103,12 +103,44 @@ void silu_mul(const float *gate_up, int64_t M, int64_t I, float *out, int num_th
     }
 }
 
+/* The KV cache holds fp32 or fp16 (kv_half: 1) elements; 8 of them at element i of p, as floats. */
+static inline __m256 load_kv(const void *p, int64_t i, int kv_half) {
+    if (kv_half) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
+/* 8 floats into the cache's element type (fp16: rounded to nearest even). */
+static inline void store_kv(void *p, int64_t i, __m256 v, int kv_half) {
+    if (kv_half) _mm_storeu_si128((__m128i *)((uint16_t *)p + i), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+    else _mm256_storeu_ps((float *)p + i, v);
+}
+
+/* q . k over D floats (a multiple of 8): fused multiply-adds into 4 accumulators of 8 lanes (vector i
+   into accumulator i % 4: short dependency chains), summed as (a0 + a1) + (a2 + a3), then the lanes,
+   all in a fixed order. */
+static inline float dot_kv(const float *q, const void *k, int64_t D, int kv_half) {
+    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t i = 0;
+    for (; i + 32 <= D; i += 32)
+        for (int j = 0; j < 4; j++)
+            acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i + 8 * j), load_kv(k, i + 8 * j, kv_half), acc[j]);
+    for (int j = 0; i < D; i += 8, j++)
+        acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load_kv(k, i, kv_half), acc[j]);
+    return hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
+}
+
+/* The cache of one layer: [num_blocks, 2 (k, v), Hkv, block_size, D] elements. A head's keys (values)
+   in a block: block_size * D elements from element ((block * 2 + kv) * Hkv + head) * block_size * D. */
+static inline int64_t head_rows(int64_t block, int kv, int64_t head, int64_t Hkv, int64_t block_size, int64_t D) {
+    return ((block * 2 + kv) * Hkv + head) * block_size * D;
+}
+
 /* qkv: [M, (Hq + 2 * Hkv) * D], each row q heads, k heads, v heads. Rotates q and k in place by
    each token's cos/sin ([M, D / 2], the rotate-half layout), then writes k and v into kv_cache
-   ([num_blocks * block_size slots, 2, Hkv, D]) at slots[r]. */
+   ([num_blocks, 2, Hkv, block_size, D], fp32 or fp16: kv_half) at slots[r] (block * block_size + offset). */
 void rotary_write_kv(float *qkv, int64_t M, int64_t Hq, int64_t Hkv, int64_t D, const float *cos, const float *sin,
-                     float *kv_cache, const int64_t *slots, int num_threads) {
-    const int64_t half = D / 2, width = (Hq + 2 * Hkv) * D;
+                     void *kv_cache, int kv_half, int64_t block_size, const int64_t *slots, int num_threads) {
+    const int64_t half = D / 2, width = (Hq + 2 * Hkv) * D, elem = kv_half ? 2 : 4;
     #pragma omp parallel for num_threads(num_threads) schedule(static) if (M >= 64)
     for (int64_t r = 0; r < M; r++) {
         float *row = qkv + r * width;
@@ -124,74 +156,125 @@ void rotary_write_kv(float *qkv, int64_t M, int64_t Hq, int64_t Hkv, int64_t D, 
                 store_part(x2 + i, second, half - i);
             }
         }
-        float *slot = kv_cache + slots[r] * 2 * Hkv * D;
-        memcpy(slot, row + Hq * D, 2 * Hkv * D * sizeof(float));  /* k heads then v heads: [2, Hkv, D] */
+        const float *kv = row + Hq * D;  /* k heads then v heads: [2, Hkv, D], D a multiple of 8 */
+        const int64_t block = slots[r] / block_size, offset = slots[r] % block_size;
+        for (int kind = 0; kind < 2; kind++)
+            for (int64_t head = 0; head < Hkv; head++) {
+                char *dst = (char *)kv_cache + (head_rows(block, kind, head, Hkv, block_size, D) + offset * D) * elem;
+                const float *src = kv + (kind * Hkv + head) * D;
+                for (int64_t i = 0; i < D; i += 8) store_kv(dst, i, _mm256_loadu_ps(src + i), kv_half);
+            }
     }
-}
-
-/* q . k over D floats (a multiple of 8), fused multiply-adds in 8 lanes, the lanes summed in a fixed order. */
-static inline float dot_fma(const float *a, const float *b, int64_t D) {
-    __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(a), _mm256_loadu_ps(b));
-    for (int64_t i = 8; i < D; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
-    return hsum8(acc);
 }
 
 /* Attention of T query tokens over the paged KV cache, read in place. Query t (its heads at
    q + t * q_stride, [Hq, D]) belongs to the sequence whose block table is tables[seq[t]] (width
    table_width) and sees the first lens[t] <= max_len positions. out: [T, Hq, D]. Query heads share
    KV heads in groups of Hq / Hkv (at most MAX_GROUP); D is a multiple of 8. scores: num_threads *
-   Hq / Hkv * max_len floats of scratch. */
+   Hq / Hkv * max_len floats of scratch. kv_cache: fp32, or fp16 where kv_half is 1. */
 #define MAX_GROUP 16
+#define V_HEADS 3  /* query heads whose weighted values are summed in one pass over V: 3 x 4 accumulators */
+
+/* out[h] = sum_p s[h][p] * v_p for heads h < NH, floats [i0, i0 + 8 * NV) of a head, in registers,
+   then scaled by inv[h]. Each lane sums over p in order, so the grouping of heads and floats never
+   changes a result. */
+static inline __attribute__((always_inline)) void weigh_values(
+        const char *cache, int64_t elem, int64_t Hkv, int64_t kv_head, const int64_t *table,
+        int64_t block_size, int64_t len, const float *s, int64_t max_len, const float *inv, float *o, int64_t D,
+        int64_t i0, int NH, int NV, int kv_half) {
+    __m256 acc[V_HEADS][4];
+    for (int h = 0; h < NH; h++)
+        for (int j = 0; j < NV; j++) acc[h][j] = _mm256_setzero_ps();
+    for (int64_t b0 = 0; b0 < len; b0 += block_size) {
+        const int64_t n = len - b0 < block_size ? len - b0 : block_size;
+        const char *v = cache + (head_rows(table[b0 / block_size], 1, kv_head, Hkv, block_size, D) + i0) * elem;
+        for (int64_t p = b0; p < b0 + n; p++, v += D * elem) {
+            for (int h = 0; h < NH; h++) {
+                const __m256 w = _mm256_set1_ps(s[h * max_len + p]);
+                for (int j = 0; j < NV; j++) acc[h][j] = _mm256_fmadd_ps(w, load_kv(v, 8 * j, kv_half), acc[h][j]);
+            }
+        }
+    }
+    for (int h = 0; h < NH; h++)
+        for (int j = 0; j < NV; j++)
+            _mm256_storeu_ps(o + h * D + i0 + 8 * j, _mm256_mul_ps(acc[h][j], _mm256_set1_ps(inv[h])));
+}
+
+/* weigh_values with its counts as constants (so that the accumulators stay in registers). */
+static inline __attribute__((always_inline)) void weigh_values_for(
+        const char *cache, int64_t elem, int64_t Hkv, int64_t kv_head, const int64_t *table,
+        int64_t block_size, int64_t len, const float *s, int64_t max_len, const float *inv, float *o, int64_t D,
+        int NH, int kv_half) {
+    int64_t i0 = 0;
+    for (; i0 + 32 <= D; i0 += 32)
+        weigh_values(cache, elem, Hkv, kv_head, table, block_size, len, s, max_len, inv, o, D, i0, NH, 4, kv_half);
+    for (; i0 < D; i0 += 8)
+        weigh_values(cache, elem, Hkv, kv_head, table, block_size, len, s, max_len, inv, o, D, i0, NH, 1, kv_half);
+}
+
+static inline __attribute__((always_inline)) void attention_task(
+        const float *qh, const void *kv_cache, int64_t kv_head, int64_t Hkv, int64_t D,
+        const int64_t *table, int64_t block_size, int64_t len, int64_t heads, float scale, float *s,
+        int64_t max_len, float *o, int kv_half) {
+    const int64_t elem = kv_half ? 2 : 4;
+    const char *cache = (const char *)kv_cache;
+    for (int64_t b0 = 0; b0 < len; b0 += block_size) {  /* scores, all heads of the task per key read */
+        const int64_t n = len - b0 < block_size ? len - b0 : block_size;
+        const char *k = cache + head_rows(table[b0 / block_size], 0, kv_head, Hkv, block_size, D) * elem;
+        for (int64_t p = b0; p < b0 + n; p++, k += D * elem) {
+            for (int64_t g = 0; g < heads; g++) s[g * max_len + p] = dot_kv(qh + g * D, k, D, kv_half) * scale;
+        }
+    }
+    float inv[MAX_GROUP];
+    for (int64_t g = 0; g < heads; g++) {  /* softmax numerators in place, and 1 / their sum */
+        float *sg = s + g * max_len, m = -INFINITY;
+        for (int64_t p = 0; p < len; p++) m = sg[p] > m ? sg[p] : m;
+        __m256 mv = _mm256_set1_ps(m), total = _mm256_setzero_ps();
+        for (int64_t p = 0; p < len; p += 8) {
+            __m256 e = exp8(_mm256_sub_ps(load_part(sg + p, len - p), mv));
+            if (len - p < 8)  /* the zero padding of a tail must not count */
+                e = _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+                    _mm256_set1_epi32((int)(len - p)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
+            total = _mm256_add_ps(total, e);
+            store_part(sg + p, e, len - p);
+        }
+        inv[g] = 1.0f / hsum8(total);
+    }
+    for (int64_t g = 0; g < heads; g += V_HEADS) {  /* weighted values, V read once per V_HEADS heads */
+        const int nh = heads - g < V_HEADS ? (int)(heads - g) : V_HEADS;
+        const float *sg = s + g * max_len;
+        if (nh == 3)
+            weigh_values_for(cache, elem, Hkv, kv_head, table, block_size, len, sg, max_len, inv + g,
+                             o + g * D, D, 3, kv_half);
+        else if (nh == 2)
+            weigh_values_for(cache, elem, Hkv, kv_head, table, block_size, len, sg, max_len, inv + g,
+                             o + g * D, D, 2, kv_half);
+        else
+            weigh_values_for(cache, elem, Hkv, kv_head, table, block_size, len, sg, max_len, inv + g,
+                             o + g * D, D, 1, kv_half);
+    }
+}
 
 void paged_attention(const float *q, int64_t q_stride, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
-                     const float *kv_cache, int64_t block_size, const int64_t *tables, int64_t table_width,
+                     const void *kv_cache, int kv_half, int64_t block_size, const int64_t *tables, int64_t table_width,
                      const int64_t *seq, const int64_t *lens, float scale, float *out, float *scores,
                      int64_t max_len, int num_threads) {
-    const int64_t group = Hq / Hkv, slot_stride = 2 * Hkv * D;
+    const int64_t group = Hq / Hkv;
     /* Few queries (single-stream decode): a task per query head, else per KV head (its K/V read
        once for the group). A head's maths is the same either way. */
     const int64_t split = T * Hkv < 4 * num_threads ? group : 1, heads_per_task = group / split;
     #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
     for (int64_t task = 0; task < T * Hkv * split; task++) {
         const int64_t t = task / (Hkv * split), kv_head = task / split % Hkv, g0 = task % split * heads_per_task;
-        const int64_t g1 = g0 + heads_per_task, len = lens[t];
         const int64_t *table = tables + seq[t] * table_width;
-        const float *qh = q + t * q_stride + kv_head * group * D;
+        const float *qh = q + t * q_stride + (kv_head * group + g0) * D;
         float *s = scores + (int64_t)omp_get_thread_num() * group * max_len;
-        for (int64_t p = 0; p < len; p++) {  /* scores, all heads of the task per key read */
-            const float *k = kv_cache + (table[p / block_size] * block_size + p % block_size) * slot_stride + kv_head * D;
-            for (int64_t g = g0; g < g1; g++) s[g * max_len + p] = dot_fma(qh + g * D, k, D) * scale;
-        }
-        float inv[MAX_GROUP];
-        for (int64_t g = g0; g < g1; g++) {  /* softmax numerators in place, and 1 / their sum */
-            float *sg = s + g * max_len, m = -INFINITY;
-            for (int64_t p = 0; p < len; p++) m = sg[p] > m ? sg[p] : m;
-            __m256 mv = _mm256_set1_ps(m), total = _mm256_setzero_ps();
-            for (int64_t p = 0; p < len; p += 8) {
-                __m256 e = exp8(_mm256_sub_ps(load_part(sg + p, len - p), mv));
-                if (len - p < 8)  /* the zero padding of a tail must not count */
-                    e = _mm256_and_ps(e, _mm256_castsi256_ps(_mm256_cmpgt_epi32(
-                        _mm256_set1_epi32((int)(len - p)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))));
-                total = _mm256_add_ps(total, e);
-                store_part(sg + p, e, len - p);
-            }
-            inv[g] = 1.0f / hsum8(total);
-        }
-        for (int64_t g = g0; g < g1; g++) {  /* weighted values, 64 floats of a head at a time in registers */
-            const float *sg = s + g * max_len;
-            float *o = out + (t * Hq + kv_head * group + g) * D;
-            for (int64_t i0 = 0; i0 < D; i0 += 64) {
-                const int nv = (int)((D - i0 < 64 ? D - i0 : 64) / 8);
-                __m256 acc[8];
-                for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
-                for (int64_t p = 0; p < len; p++) {
-                    const float *v = kv_cache + (table[p / block_size] * block_size + p % block_size) * slot_stride
-                                     + (Hkv + kv_head) * D + i0;
-                    __m256 w = _mm256_set1_ps(sg[p]);
-                    for (int j = 0; j < nv; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), acc[j]);
-                }
-                for (int j = 0; j < nv; j++) _mm256_storeu_ps(o + i0 + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv[g])));
-            }
-        }
+        float *o = out + (t * Hq + kv_head * group + g0) * D;
+        if (kv_half)
+            attention_task(qh, kv_cache, kv_head, Hkv, D, table, block_size, lens[t], heads_per_task, scale, s,
+                           max_len, o, 1);
+        else
+            attention_task(qh, kv_cache, kv_head, Hkv, D, table, block_size, lens[t], heads_per_task, scale, s,
+                           max_len, o, 0);
     }
 }
