@@ -82,6 +82,7 @@ def test_a_few_tokens_get_the_layer_by_layer_bits(int8_model, query_lengths):
             step = build_batch(chunks, BLOCK_SIZE, torch.device("cpu"))
             results.append(int8_model(step.input_ids, step.positions, kv_caches, step.meta))
         assert isinstance(int8_model.decode_plan, DecodePlan) == use_plan  # made by this step: it ran
+        assert not use_plan or int8_model.decode_plan.max_rows >= len(step.input_ids)
     assert torch.equal(results[0], results[1])
     assert torch.equal(caches[0], caches[1])
     int8_model.decode_plan = None

@@ -5,8 +5,12 @@ CPU, a step of up to MAX_PLAN_ROWS tokens that all go to the native attention (d
 streams, a draft's verification) runs all decoder layers in `decode_layers` (layers/native/
 decode_layers.c), which calls the kernels the Python path calls, in the same order: the same bits,
 without ~100 us of Python, ctypes and torch per layer. Its linear layers read each weight once for
-all the step's tokens; from MAX_PLAN_ROWS tokens on, MKL's integer GEMM (_int_mm, on the Python
-path) does more multiplies per second than it loses to Python. The plan holds the C structs
+all the step's tokens. MKL's integer GEMM (_int_mm, on the Python path) does ~1.7x more multiplies
+per second, so the plan wins only where a layer's Python costs more than that: for SmolLM2 (3.5 MB
+of int8 weights a layer) up to ~6 tokens (4 tokens: 14.5 vs 22.5 ms a step), while for Qwen2.5-1.5B
+(47 MB a layer) 5 tokens already ran slower than on the Python path (a draft's verification: 0.67
+against 0.38 of a one-token step per extra token). Models with more than MULTI_ROW_MAX_LAYER_BYTES
+a layer therefore use the plan for one token only. The plan holds the C structs
 (pointers to the weights, scratch buffers); it is made on the first step it fits, after quantization.
 """
 
@@ -19,6 +23,7 @@ from tokenforge.model.layers.native import DecodeLayer, DecodeModel, DecodeStep,
 from tokenforge.model.layers.quant_linear import Int8Linear
 
 MAX_PLAN_ROWS = 6  # tokens a step may have to run in one call (measured: see the module docstring)
+MULTI_ROW_MAX_LAYER_BYTES = 16 << 20  # int8 weights of a decoder layer up to which several tokens go in one call
 
 
 class DecodePlan:
@@ -26,6 +31,8 @@ class DecodePlan:
         config = model.config
         self.kernel = kernel
         self.linears = [linear for layer in model.layers for linear in _linears(layer)]
+        layer_bytes = sum(linear.weight.numel() for linear in self.linears) / len(model.layers)
+        self.max_rows = MAX_PLAN_ROWS if layer_bytes <= MULTI_ROW_MAX_LAYER_BYTES else 1  # tokens per call
         self.row_args = [linear._row_args for linear in self.linears]  # what the structs point into
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         hidden, inter, rows = config.hidden_size, config.intermediate_size, MAX_PLAN_ROWS

@@ -109,7 +109,7 @@ class LlamaForCausalLM(nn.Module):
         rope = self.rotary.lookup(positions, x.dtype)
         if fits_step(x, kv_caches, meta):
             plan = self._decode_plan()
-            if plan is not None:  # single-stream decode: all layers in one native call, the same bits
+            if plan is not None and x.shape[0] <= plan.max_rows:  # all layers in one native call, the same bits
                 return self.norm.add_norm(x, plan.run(x, kv_caches, meta, rope))[1]
         delta = None
         for layer, kv_cache in zip(self.layers, kv_caches):
