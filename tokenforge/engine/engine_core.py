@@ -35,7 +35,7 @@ class EngineCore:
         self.arch = loaded.arch_config
         self.tokenizer = loaded.tokenizer
         block_size = config.cache.block_size
-        cache_dtype = pick_cache_dtype(config.cache.cache_dtype, dtype, device)
+        cache_dtype = pick_cache_dtype(config.cache.cache_dtype, self.arch, dtype, device)
         num_blocks = num_kv_blocks(config.cache, self.arch, cache_dtype, device)
         capacity = num_blocks * block_size
         model_len = config.model.max_model_len or self.arch.max_position_embeddings

@@ -12,6 +12,7 @@ import torch
 from tokenforge.config import CACHE_DTYPES, CacheConfig
 from tokenforge.errors import ConfigError
 from tokenforge.model.arch_config import ArchConfig
+from tokenforge.model.layers.attention import MAX_GROUP
 from tokenforge.model.layers.native import layer_ops
 
 logger = logging.getLogger(__name__)
@@ -29,10 +30,12 @@ def default_kv_cache_bytes(device: torch.device) -> int:
     return int(min(psutil.virtual_memory().available * CPU_DEFAULT_SHARE, CPU_DEFAULT_CAP_BYTES))
 
 
-def pick_cache_dtype(name: str, dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The KV cache's element type (CacheConfig.cache_dtype) under a model of `dtype`."""
+def pick_cache_dtype(name: str, arch: ArchConfig, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The KV cache's element type (CacheConfig.cache_dtype) under a model of `dtype`; auto: fp16
+    where the native attention reads it (elsewhere every step would convert the cache it reads)."""
     if name == "auto":
-        native = device.type == "cpu" and dtype == torch.float32 and layer_ops() is not None
+        native = (device.type == "cpu" and dtype == torch.float32 and layer_ops() is not None
+                  and arch.head_dim % 8 == 0 and arch.num_heads // arch.num_kv_heads <= MAX_GROUP)
         return torch.float16 if native else dtype
     if name not in _CACHE_DTYPES:
         raise ConfigError(f"unknown KV cache dtype {name!r} (choose from {', '.join(CACHE_DTYPES)})")

@@ -67,6 +67,14 @@ def test_quantization_keys(tmp_path):
     assert (model.engine.speculative.draft_model, model.engine.speculative.draft_quantization) == ("y", "int8")
 
 
+def test_kv_cache_dtype_key_and_flag(tmp_path):
+    (model,) = make_config(tmp_path, '[[models]]\nmodel = "x"\nkv_cache_dtype = "float32"\n').models
+    assert model.engine.cache.cache_dtype == "float32"
+    args = build_parser().parse_args(["serve", "--model", "m", "--kv-cache-dtype", "float16"])
+    assert serve_config_from_args(args).models[0].engine.cache.cache_dtype == "float16"
+    assert make_config(tmp_path, '[[models]]\nmodel = "x"\n').models[0].engine.cache.cache_dtype == "auto"
+
+
 def test_duplicate_served_names(tmp_path):
     text = '[[models]]\nmodel = "x"\nserved_name = "a"\n[[models]]\nmodel = "y"\nserved_name = "a"\n'
     with pytest.raises(ConfigError, match="two models are served as 'a'"):
@@ -85,6 +93,7 @@ def test_duplicate_served_names(tmp_path):
     ('port = [1\n', "not valid TOML"),
     ('quantization = "int4"\n', "quantization must be one of auto, none, int8, w8a8"),
     ('draft_quantization = 8\n', "draft_quantization must be a string"),
+    ('kv_cache_dtype = "int8"\n', "kv_cache_dtype must be one of auto, float32, float16, bfloat16"),
 ])
 def test_bad_files(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
