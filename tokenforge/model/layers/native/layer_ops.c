@@ -129,6 +129,21 @@ static inline float dot_kv(const float *q, const void *k, int64_t D, int kv_half
     return hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 }
 
+/* q . k_r for the 8 key rows k_r = k + r * D elements (D a multiple of 8): 8 accumulators, then one
+   transpose-reduce; row r's sum never mixes with another row's (horizontal adds pair lanes of one
+   accumulator), so it is the same whichever rows lie beside it. */
+static inline __m256 dot8_kv(const float *q, const char *k, int64_t D, int64_t elem, int kv_half) {
+    __m256 acc[8];
+    for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 8) {
+        const __m256 qv = _mm256_loadu_ps(q + i);
+        for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qv, load_kv(k + r * D * elem, i, kv_half), acc[r]);
+    }
+    __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
 /* The cache of one layer: [num_blocks, 2 (k, v), Hkv, block_size, D] elements. A head's keys (values)
    in a block: block_size * D elements from element ((block * 2 + kv) * Hkv + head) * block_size * D. */
 static inline int64_t head_rows(int64_t block, int kv, int64_t head, int64_t Hkv, int64_t block_size, int64_t D) {
@@ -221,9 +236,19 @@ static inline __attribute__((always_inline)) void attention_task(
     for (int64_t b0 = 0; b0 < len; b0 += block_size) {  /* scores, all heads of the task per key read */
         const int64_t n = len - b0 < block_size ? len - b0 : block_size;
         const char *k = cache + head_rows(table[b0 / block_size], 0, kv_head, Hkv, block_size, D) * elem;
-        for (int64_t p = b0; p < b0 + n; p++, k += D * elem) {
-            for (int64_t g = 0; g < heads; g++) s[g * max_len + p] = dot_kv(qh + g * D, k, D, kv_half) * scale;
-        }
+        int64_t j = 0;
+        /* 8 keys at a time where the block holds 8 more rows (rows past len are read, never used); which
+           path a position takes depends on the block size only, never on len or the batch. */
+        for (; j + 8 <= block_size && j < n; j += 8)
+            for (int64_t g = 0; g < heads; g++) {
+                float sums[8];
+                _mm256_storeu_ps(sums, _mm256_mul_ps(dot8_kv(qh + g * D, k + j * D * elem, D, elem, kv_half),
+                                                     _mm256_set1_ps(scale)));
+                for (int64_t r = 0; r < 8 && j + r < n; r++) s[g * max_len + b0 + j + r] = sums[r];
+            }
+        for (; j < n; j++)
+            for (int64_t g = 0; g < heads; g++)
+                s[g * max_len + b0 + j] = dot_kv(qh + g * D, k + j * D * elem, D, kv_half) * scale;
     }
     float inv[MAX_GROUP];
     for (int64_t g = 0; g < heads; g++) {  /* softmax numerators in place, and 1 / their sum */
