@@ -104,3 +104,21 @@ def test_paged_attention_matches_sdpa_and_a_verified_query_equals_its_decode(cac
         for i, position in enumerate(range(33, 38)):  # each verified query, decoded alone
             alone = attention(q[1 + i:2 + i], cache, [SequenceChunk([1], position, tables[1])], native=True)
             assert torch.equal(alone, native[1 + i:2 + i])
+
+
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
+def test_many_decodes_match_sdpa_and_each_decoded_alone(cache_dtype):
+    """From 4 queries a thread on, a task takes all heads of one query (another split of the work):
+    the same bits as a query decoded alone."""
+    generator = torch.Generator().manual_seed(3)
+    block_size, heads, kv_heads, head_dim = 16, 9, 3, 64
+    cache = torch.randn(kv_cache_shape(40, block_size, kv_heads, head_dim), generator=generator).to(cache_dtype)
+    positions = [3, 17, 40, 63, 15, 5, 31, 47, 50, 12]  # within, at and over block edges
+    tables = [[4 * i + 3 - b for b in range(4)] for i in range(len(positions))]  # blocks in no order
+    chunks = [SequenceChunk([1], position, table) for position, table in zip(positions, tables)]
+    q = torch.randn(len(chunks), heads, head_dim, generator=generator)
+    with torch.inference_mode():
+        native = attention(q, cache, chunks, native=True)
+        torch.testing.assert_close(native, attention(q, cache, chunks, native=False), rtol=1e-5, atol=1e-5)
+        for i, chunk in enumerate(chunks):
+            assert torch.equal(attention(q[i:i + 1], cache, [chunk], native=True), native[i:i + 1])

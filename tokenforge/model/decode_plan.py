@@ -89,8 +89,7 @@ class DecodePlan:
         cos, sin = rope
         tables = meta.short_block_tables
         threads = torch.get_num_threads()
-        group = self.num_heads // self.num_kv_heads
-        scores = torch.empty(threads * group * meta.max_short_len)
+        scores = torch.empty(threads * self.num_heads * meta.max_short_len)
         delta = torch.empty_like(x)
         self.model.block_size = kv_caches.shape[4]  # [num_layers, *kv_cache_shape(...)]
         step = self.step

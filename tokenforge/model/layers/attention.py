@@ -131,7 +131,7 @@ def _native_attention(ops, q: torch.Tensor, kv_cache: torch.Tensor, meta: Attent
         q = q.contiguous()
     threads = torch.get_num_threads()
     tables = meta.short_block_tables
-    scores = torch.empty(threads * (num_heads // num_kv_heads) * meta.max_short_len, dtype=torch.float32)
+    scores = torch.empty(threads * num_heads * meta.max_short_len, dtype=torch.float32)
     ops.paged_attention(q.data_ptr(), q.stride(0), meta.num_short_tokens, num_heads, num_kv_heads, head_dim,
                         kv_cache.data_ptr(), kv_cache.dtype == torch.float16, block_size, tables.data_ptr(),
                         tables.shape[1],

@@ -29,7 +29,7 @@ struct decode_step {
     const int64_t *slots, *tables, *seq, *lens;  /* per token: its K/V slot, the row of its sequence's
                                                     block table in tables, the positions it sees */
     int64_t table_width;
-    float *scores;  /* num_threads * Hq / Hkv * max_len floats */
+    float *scores;  /* num_threads * Hq * max_len floats */
     int num_threads;
     int kv_half;  /* 1: the cache holds fp16, 0: fp32 */
     int64_t num_rows, max_len;  /* M <= max_rows tokens; the most positions one sees */

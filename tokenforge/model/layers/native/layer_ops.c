@@ -186,7 +186,7 @@ void rotary_write_kv(float *qkv, int64_t M, int64_t Hq, int64_t Hkv, int64_t D, 
    q + t * q_stride, [Hq, D]) belongs to the sequence whose block table is tables[seq[t]] (width
    table_width) and sees the first lens[t] <= max_len positions. out: [T, Hq, D]. Query heads share
    KV heads in groups of Hq / Hkv (at most MAX_GROUP); D is a multiple of 8. scores: num_threads *
-   Hq / Hkv * max_len floats of scratch. kv_cache: fp32, or fp16 where kv_half is 1. */
+   Hq * max_len floats of scratch. kv_cache: fp32, or fp16 where kv_half is 1. */
 #define MAX_GROUP 16
 #define V_HEADS 3  /* query heads whose weighted values are summed in one pass over V: 3 x 4 accumulators */
 
@@ -227,29 +227,31 @@ static inline __attribute__((always_inline)) void weigh_values_for(
         weigh_values(cache, elem, Hkv, kv_head, table, block_size, len, s, max_len, inv, o, D, i0, NH, 1, kv_half);
 }
 
-static inline __attribute__((always_inline)) void attention_task(
-        const float *qh, const void *kv_cache, int64_t kv_head, int64_t Hkv, int64_t D,
-        const int64_t *table, int64_t block_size, int64_t len, int64_t heads, float scale, float *s,
-        int64_t max_len, float *o, int kv_half) {
-    const int64_t elem = kv_half ? 2 : 4;
-    const char *cache = (const char *)kv_cache;
-    for (int64_t b0 = 0; b0 < len; b0 += block_size) {  /* scores, all heads of the task per key read */
-        const int64_t n = len - b0 < block_size ? len - b0 : block_size;
-        const char *k = cache + head_rows(table[b0 / block_size], 0, kv_head, Hkv, block_size, D) * elem;
-        int64_t j = 0;
-        /* 8 keys at a time where the block holds 8 more rows (rows past len are read, never used); which
-           path a position takes depends on the block size only, never on len or the batch. */
-        for (; j + 8 <= block_size && j < n; j += 8)
-            for (int64_t g = 0; g < heads; g++) {
-                float sums[8];
-                _mm256_storeu_ps(sums, _mm256_mul_ps(dot8_kv(qh + g * D, k + j * D * elem, D, elem, kv_half),
-                                                     _mm256_set1_ps(scale)));
-                for (int64_t r = 0; r < 8 && j + r < n; r++) s[g * max_len + b0 + j + r] = sums[r];
-            }
-        for (; j < n; j++)
-            for (int64_t g = 0; g < heads; g++)
-                s[g * max_len + b0 + j] = dot_kv(qh + g * D, k + j * D * elem, D, kv_half) * scale;
-    }
+/* Scores of `heads` query heads (qh: [heads, D]) for the n <= block_size positions b0.. of one
+   block, whose keys (of one KV head) start at k: into s[h * max_len + b0 + j]. */
+static inline __attribute__((always_inline)) void block_scores(
+        const float *qh, const char *k, int64_t n, int64_t b0, int64_t heads, int64_t D, int64_t elem,
+        int64_t block_size, float scale, float *s, int64_t max_len, int kv_half) {
+    int64_t j = 0;
+    /* 8 keys at a time where the block holds 8 more rows (rows past len are read, never used); which
+       path a position takes depends on the block size only, never on len or the batch. */
+    for (; j + 8 <= block_size && j < n; j += 8)
+        for (int64_t g = 0; g < heads; g++) {
+            float sums[8];
+            _mm256_storeu_ps(sums, _mm256_mul_ps(dot8_kv(qh + g * D, k + j * D * elem, D, elem, kv_half),
+                                                 _mm256_set1_ps(scale)));
+            for (int64_t r = 0; r < 8 && j + r < n; r++) s[g * max_len + b0 + j + r] = sums[r];
+        }
+    for (; j < n; j++)
+        for (int64_t g = 0; g < heads; g++)
+            s[g * max_len + b0 + j] = dot_kv(qh + g * D, k + j * D * elem, D, kv_half) * scale;
+}
+
+/* Softmax of the scores of `heads` query heads of one KV head (s[h * max_len + p], p < len), then
+   their weighted values into o ([heads, D]). */
+static inline __attribute__((always_inline)) void softmax_values(
+        const char *cache, int64_t elem, int64_t kv_head, int64_t Hkv, int64_t D, const int64_t *table,
+        int64_t block_size, int64_t len, int64_t heads, float *s, int64_t max_len, float *o, int kv_half) {
     float inv[MAX_GROUP];
     for (int64_t g = 0; g < heads; g++) {  /* softmax numerators in place, and 1 / their sum */
         float *sg = s + g * max_len, m = -INFINITY;
@@ -280,26 +282,77 @@ static inline __attribute__((always_inline)) void attention_task(
     }
 }
 
+/* One KV head's `heads` query heads (qh, o: [heads, D]) of one query. */
+static inline __attribute__((always_inline)) void attention_heads(
+        const float *qh, const void *kv_cache, int64_t kv_head, int64_t Hkv, int64_t D,
+        const int64_t *table, int64_t block_size, int64_t len, int64_t heads, float scale, float *s,
+        int64_t max_len, float *o, int kv_half) {
+    const int64_t elem = kv_half ? 2 : 4;
+    const char *cache = (const char *)kv_cache;
+    for (int64_t b0 = 0; b0 < len; b0 += block_size) {
+        const int64_t n = len - b0 < block_size ? len - b0 : block_size;
+        const char *k = cache + head_rows(table[b0 / block_size], 0, kv_head, Hkv, block_size, D) * elem;
+        block_scores(qh, k, n, b0, heads, D, elem, block_size, scale, s, max_len, kv_half);
+    }
+    softmax_values(cache, elem, kv_head, Hkv, D, table, block_size, len, heads, s, max_len, o, kv_half);
+}
+
+/* All heads of one query (qh, o: [Hq, D]); s: Hq * max_len floats. The scores are computed block by
+   block for all KV heads, so each block's keys are read as one run (Hkv * block_size * D elements)
+   rather than one head's rows at a time, Hkv times the run apart. */
+static inline __attribute__((always_inline)) void attention_query(
+        const float *qh, const void *kv_cache, int64_t Hq, int64_t Hkv, int64_t D, const int64_t *table,
+        int64_t block_size, int64_t len, float scale, float *s, int64_t max_len, float *o, int kv_half) {
+    const int64_t elem = kv_half ? 2 : 4, group = Hq / Hkv;
+    const char *cache = (const char *)kv_cache;
+    for (int64_t b0 = 0; b0 < len; b0 += block_size) {
+        const int64_t n = len - b0 < block_size ? len - b0 : block_size;
+        for (int64_t kv_head = 0; kv_head < Hkv; kv_head++) {
+            const char *k = cache + head_rows(table[b0 / block_size], 0, kv_head, Hkv, block_size, D) * elem;
+            block_scores(qh + kv_head * group * D, k, n, b0, group, D, elem, block_size, scale,
+                         s + kv_head * group * max_len, max_len, kv_half);
+        }
+    }
+    for (int64_t kv_head = 0; kv_head < Hkv; kv_head++)
+        softmax_values(cache, elem, kv_head, Hkv, D, table, block_size, len, group, s + kv_head * group * max_len,
+                       max_len, o + kv_head * group * D, kv_half);
+}
+
+/* A head's maths is the same in every way of splitting the work below, so a query's bits never
+   depend on its batch. scores: num_threads * Hq * max_len floats of scratch. */
 void paged_attention(const float *q, int64_t q_stride, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
                      const void *kv_cache, int kv_half, int64_t block_size, const int64_t *tables, int64_t table_width,
                      const int64_t *seq, const int64_t *lens, float scale, float *out, float *scores,
                      int64_t max_len, int num_threads) {
     const int64_t group = Hq / Hkv;
+    if (T >= 4 * num_threads) {  /* many queries: a task per query, all its heads */
+        #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
+        for (int64_t t = 0; t < T; t++) {
+            float *s = scores + (int64_t)omp_get_thread_num() * Hq * max_len;
+            if (kv_half)
+                attention_query(q + t * q_stride, kv_cache, Hq, Hkv, D, tables + seq[t] * table_width, block_size,
+                                lens[t], scale, s, max_len, out + t * Hq * D, 1);
+            else
+                attention_query(q + t * q_stride, kv_cache, Hq, Hkv, D, tables + seq[t] * table_width, block_size,
+                                lens[t], scale, s, max_len, out + t * Hq * D, 0);
+        }
+        return;
+    }
     /* Few queries (single-stream decode): a task per query head, else per KV head (its K/V read
-       once for the group). A head's maths is the same either way. */
+       once for the group): every thread busy. */
     const int64_t split = T * Hkv < 4 * num_threads ? group : 1, heads_per_task = group / split;
     #pragma omp parallel for num_threads(num_threads) schedule(dynamic, 1)
     for (int64_t task = 0; task < T * Hkv * split; task++) {
         const int64_t t = task / (Hkv * split), kv_head = task / split % Hkv, g0 = task % split * heads_per_task;
         const int64_t *table = tables + seq[t] * table_width;
         const float *qh = q + t * q_stride + (kv_head * group + g0) * D;
-        float *s = scores + (int64_t)omp_get_thread_num() * group * max_len;
+        float *s = scores + (int64_t)omp_get_thread_num() * Hq * max_len;
         float *o = out + (t * Hq + kv_head * group + g0) * D;
         if (kv_half)
-            attention_task(qh, kv_cache, kv_head, Hkv, D, table, block_size, lens[t], heads_per_task, scale, s,
-                           max_len, o, 1);
+            attention_heads(qh, kv_cache, kv_head, Hkv, D, table, block_size, lens[t], heads_per_task, scale, s,
+                            max_len, o, 1);
         else
-            attention_task(qh, kv_cache, kv_head, Hkv, D, table, block_size, lens[t], heads_per_task, scale, s,
-                           max_len, o, 0);
+            attention_heads(qh, kv_cache, kv_head, Hkv, D, table, block_size, lens[t], heads_per_task, scale, s,
+                            max_len, o, 0);
     }
 }
