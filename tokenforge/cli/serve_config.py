@@ -22,15 +22,13 @@ _KEY_TYPES: dict[str, tuple[type, ...]] = {
     "host": (str,), "port": (int,), "log_level": (str,), "served_name": (str,), "model": (str,),
     "dtype": (str,), "quantization": (str,), "device": (str,), "load_format": (str,), "max_model_len": (int,),
     "kv_cache_memory": (int, str), "kv_cache_dtype": (str,), "block_size": (int,), "no_prefix_caching": (bool,),
-    "max_num_seqs": (int,),
-    "max_num_batched_tokens": (int,), "max_num_waiting": (int,), "cache_dir": (str,),
+    "max_num_seqs": (int,), "max_num_batched_tokens": (int,), "max_num_waiting": (int,), "cache_dir": (str,),
     "speculative_method": (str,), "num_speculative_tokens": (int,), "draft_model": (str,),
     "draft_quantization": (str,), "speculative_max_num_seqs": (int,),
 }
 _TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false"}
 _CHOICES = {"log_level": LOG_LEVELS, "load_format": ("auto", "dummy"), "speculative_method": SPECULATIVE_METHODS,
-            "quantization": QUANTIZATIONS, "draft_quantization": QUANTIZATIONS,
-            "kv_cache_dtype": CACHE_DTYPES}
+            "quantization": QUANTIZATIONS, "draft_quantization": QUANTIZATIONS, "kv_cache_dtype": CACHE_DTYPES}
 # `model` and `served_name` name one model: only in a [[models]] table.
 TOP_LEVEL_KEYS = frozenset({*SERVER_KEYS, "models", *ENGINE_OPTIONS} - {"model"})
 MODEL_KEYS = frozenset({"served_name", *ENGINE_OPTIONS})

@@ -18,7 +18,7 @@ import ctypes
 
 import torch
 
-from tokenforge.model.layers.attention import MAX_GROUP, native_kv_cache
+from tokenforge.model.layers.attention import native_attention_fits, native_kv_cache
 from tokenforge.model.layers.native import DecodeLayer, DecodeModel, DecodeStep, decode_layers_kernel, layer_ops
 from tokenforge.model.layers.quant_linear import Int8Linear
 
@@ -35,7 +35,7 @@ class DecodePlan:
         self.max_rows = MAX_PLAN_ROWS if layer_bytes <= MULTI_ROW_MAX_LAYER_BYTES else 1  # tokens per call
         self.row_args = [linear._row_args for linear in self.linears]  # what the structs point into
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        hidden, inter, rows = config.hidden_size, config.intermediate_size, MAX_PLAN_ROWS
+        hidden, inter, rows = config.hidden_size, config.intermediate_size, self.max_rows
         width = (config.num_heads + 2 * config.num_kv_heads) * config.head_dim
         self.scratch = [torch.empty(rows * n) for n in (hidden, width, config.num_heads * config.head_dim, hidden,
                                                         2 * inter, inter)]
@@ -61,8 +61,8 @@ class DecodePlan:
         """The plan, or None where the model does not fit it (then the Python path runs)."""
         kernel = decode_layers_kernel()
         config = model.config
-        if (kernel is None or layer_ops() is None or config.head_dim % 8
-                or config.num_heads // config.num_kv_heads > MAX_GROUP):  # what the native attention takes
+        if (kernel is None or layer_ops() is None
+                or not native_attention_fits(config.num_heads, config.num_kv_heads, config.head_dim)):
             return None
         norms = [norm for layer in model.layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
         if len({norm.eps for norm in norms}) != 1 or any(

@@ -12,7 +12,7 @@ import torch
 from tokenforge.config import CACHE_DTYPES, CacheConfig
 from tokenforge.errors import ConfigError
 from tokenforge.model.arch_config import ArchConfig
-from tokenforge.model.layers.attention import MAX_GROUP
+from tokenforge.model.layers.attention import native_attention_fits
 from tokenforge.model.layers.native import layer_ops
 
 logger = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def pick_cache_dtype(name: str, arch: ArchConfig, dtype: torch.dtype, device: to
     where the native attention reads it (elsewhere every step would convert the cache it reads)."""
     if name == "auto":
         native = (device.type == "cpu" and dtype == torch.float32 and layer_ops() is not None
-                  and arch.head_dim % 8 == 0 and arch.num_heads // arch.num_kv_heads <= MAX_GROUP)
+                  and native_attention_fits(arch.num_heads, arch.num_kv_heads, arch.head_dim))
         return torch.float16 if native else dtype
     if name not in _CACHE_DTYPES:
         raise ConfigError(f"unknown KV cache dtype {name!r} (choose from {', '.join(CACHE_DTYPES)})")

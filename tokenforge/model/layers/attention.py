@@ -23,6 +23,11 @@ MAX_GROUP = 16  # query heads per KV head the native kernel takes (its head_dim:
 NATIVE_KV_DTYPES = (torch.float32, torch.float16)  # the cache element types the native kernels read and write
 
 
+def native_attention_fits(num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether the native attention takes a model of these shapes."""
+    return head_dim % 8 == 0 and num_heads // num_kv_heads <= MAX_GROUP
+
+
 def native_kv_cache(kv_cache: torch.Tensor) -> bool:
     """Whether the native kernels take this cache: fp32 or fp16, contiguous, head_dim a multiple of 8."""
     return kv_cache.dtype in NATIVE_KV_DTYPES and kv_cache.is_contiguous() and kv_cache.shape[-1] % 8 == 0
@@ -89,7 +94,7 @@ def paged_attention(
     first_prefill = 0
     ops = layer_ops()
     if (ops is not None and meta.num_short_tokens and runs_native(q) and native_kv_cache(kv_cache)
-            and q.shape[1] // num_kv_heads <= MAX_GROUP):
+            and native_attention_fits(q.shape[1], num_kv_heads, head_dim)):
         _native_attention(ops, q, kv_cache, meta, scale, out)
         first_prefill = meta.num_short_tokens
     d = 0 if first_prefill else meta.num_decodes
@@ -134,6 +139,5 @@ def _native_attention(ops, q: torch.Tensor, kv_cache: torch.Tensor, meta: Attent
     scores = torch.empty(threads * num_heads * meta.max_short_len, dtype=torch.float32)
     ops.paged_attention(q.data_ptr(), q.stride(0), meta.num_short_tokens, num_heads, num_kv_heads, head_dim,
                         kv_cache.data_ptr(), kv_cache.dtype == torch.float16, block_size, tables.data_ptr(),
-                        tables.shape[1],
-                        meta.short_token_seq.data_ptr(), meta.short_token_lens.data_ptr(), scale, out.data_ptr(),
-                        scores.data_ptr(), meta.max_short_len, threads)
+                        tables.shape[1], meta.short_token_seq.data_ptr(), meta.short_token_lens.data_ptr(), scale,
+                        out.data_ptr(), scores.data_ptr(), meta.max_short_len, threads)

@@ -182,12 +182,7 @@ void rotary_write_kv(float *qkv, int64_t M, int64_t Hq, int64_t Hkv, int64_t D, 
     }
 }
 
-/* Attention of T query tokens over the paged KV cache, read in place. Query t (its heads at
-   q + t * q_stride, [Hq, D]) belongs to the sequence whose block table is tables[seq[t]] (width
-   table_width) and sees the first lens[t] <= max_len positions. out: [T, Hq, D]. Query heads share
-   KV heads in groups of Hq / Hkv (at most MAX_GROUP); D is a multiple of 8. scores: num_threads *
-   Hq * max_len floats of scratch. kv_cache: fp32, or fp16 where kv_half is 1. */
-#define MAX_GROUP 16
+#define MAX_GROUP 16  /* query heads per KV head the attention takes */
 #define V_HEADS 3  /* query heads whose weighted values are summed in one pass over V: 3 x 4 accumulators */
 
 /* out[h] = sum_p s[h][p] * v_p for heads h < NH, floats [i0, i0 + 8 * NV) of a head, in registers,
@@ -318,8 +313,12 @@ static inline __attribute__((always_inline)) void attention_query(
                        max_len, o + kv_head * group * D, kv_half);
 }
 
-/* A head's maths is the same in every way of splitting the work below, so a query's bits never
-   depend on its batch. scores: num_threads * Hq * max_len floats of scratch. */
+/* Attention of T query tokens over the paged KV cache, read in place. Query t (its heads at
+   q + t * q_stride, [Hq, D]) belongs to the sequence whose block table is tables[seq[t]] (width
+   table_width) and sees the first lens[t] <= max_len positions. out: [T, Hq, D]. Query heads share
+   KV heads in groups of Hq / Hkv (at most MAX_GROUP); D is a multiple of 8. scores: num_threads *
+   Hq * max_len floats of scratch. kv_cache: fp32, or fp16 where kv_half is 1. A head's maths is the
+   same in every way of splitting the work below, so a query's bits never depend on its batch. */
 void paged_attention(const float *q, int64_t q_stride, int64_t T, int64_t Hq, int64_t Hkv, int64_t D,
                      const void *kv_cache, int kv_half, int64_t block_size, const int64_t *tables, int64_t table_width,
                      const int64_t *seq, const int64_t *lens, float scale, float *out, float *scores,
