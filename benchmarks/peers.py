@@ -83,9 +83,9 @@ def run_server(label: str, command: list[str], port: int, args, concurrency: tup
     return ServerRun(label, command, levels, start_s, hwm)
 
 
-def tokenforge_command(args, port: int) -> list[str]:
+def tokenforge_command(args, port: int, quantization: str = "auto") -> list[str]:
     return [sys.executable, "-m", "tokenforge.cli.main", "serve", "--no-control-plane", "--port", str(port),
-            "--log-level", "warning", "--model", args.model]
+            "--log-level", "warning", "--model", args.model, "--quantization", quantization]
 
 
 def run_llama(llama: LlamaCpp, gguf: Path, args, log_dir: Path) -> dict[str, list[ServerRun]]:
@@ -248,6 +248,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-attempts", type=int, default=2, help="runs of a disturbed level")
     parser.add_argument("--quiet-wait-s", type=float, default=30.0, help="wait up to this long for a quiet machine")
     parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="llama.cpp build and models")
+    parser.add_argument("--tokenforge-also", default="", type=lambda t: tuple(filter(None, t.split(","))),
+                        help="also serve tokenforge with these --quantization values (e.g. int4), as extra series")
     parser.add_argument("--notes", default="")
     return parser.parse_args()
 
@@ -266,6 +268,12 @@ def main() -> None:
             run = run_server("tokenforge", tokenforge_command(args, port), port, args, args.concurrency, tmp_dir)
             servers.append(run)
             series["tokenforge"] = run.levels
+            for quantization in args.tokenforge_also:  # other quantizations, beside the default's series
+                port = free_port()
+                run = run_server(f"tokenforge {quantization}", tokenforge_command(args, port, quantization), port,
+                                 args, args.concurrency, tmp_dir)
+                servers.append(run)
+                series[f"tokenforge {quantization}"] = run.levels
         llama_runs = {} if llama is None else run_llama(llama, gguf, args, tmp_dir)
         for qtype, runs in llama_runs.items():
             servers.extend(runs)

@@ -17,7 +17,7 @@ def default_cache_dir() -> Path:
 class ModelConfig:
     model: str = DEFAULT_MODEL  # catalog name, GGUF file, HF directory or HF repo id
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on GPU)
-    # auto | none | int8 | w8a8 (model.layers.quant_linear; CPU only). auto: int8 on the CPU for a
+    # auto | none | int8 | w8a8 | int4 (model.layers.quantize; CPU only). auto: int8 on the CPU for a
     # checkpoint that is quantized already (a Q4/Q5/Q8/K-quant GGUF), else none.
     quantization: str = "auto"
     load_format: str = "auto"  # auto | dummy (random weights of the model's shapes)
@@ -52,7 +52,7 @@ class SchedulerConfig:
 
 
 SPECULATIVE_METHODS = ("ngram", "draft")
-QUANTIZATIONS = ("auto", "none", "int8", "w8a8")
+QUANTIZATIONS = ("auto", "none", "int8", "w8a8", "int4")
 CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 

@@ -13,9 +13,10 @@ from tokenforge.worker.batch import SequenceChunk, build_batch
 BLOCK_SIZE = 16
 
 
-@pytest.fixture(scope="module")
-def int8_model(smollm2_path):
-    model = load(ModelConfig(model=str(smollm2_path), quantization="int8", device="cpu"))[0].model
+@pytest.fixture(scope="module", params=["int8", "int4"])
+def int8_model(smollm2_path, request):
+    """SmolLM2 with int8 or 4-bit linear layers (both run the plan's row kernels)."""
+    model = load(ModelConfig(model=str(smollm2_path), quantization=request.param, device="cpu"))[0].model
     if DecodePlan.make(model) is None:
         pytest.skip("no native kernels on this machine (needs x86-64 with AVX2 and a C compiler)")
     return model

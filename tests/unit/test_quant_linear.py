@@ -7,8 +7,10 @@ import pytest
 import torch
 from torch import nn
 
+from tokenforge.model.layers import quant_linear
 from tokenforge.model.layers.native import int8_kernels
-from tokenforge.model.layers.quant_linear import Int8Embedding, Int8Linear, quantize_model, quantize_rows
+from tokenforge.model.layers.quant_linear import Int8Embedding, Int8Linear, quantize_rows
+from tokenforge.model.layers.quantize import quantize_model
 
 
 def make_weight(out_features: int, in_features: int, seed: int = 0) -> torch.Tensor:
@@ -104,12 +106,15 @@ def test_quantize_model_none_and_unknown():
 @pytest.mark.parametrize("digits", [1, 2])
 @pytest.mark.parametrize("in_features, out_features, bias", [(96, 64, False), (576, 960, True), (1536, 576, False)])
 @pytest.mark.parametrize("num_rows", [1, 2, 5, 19])
-def test_the_native_kernels_give_the_torch_paths_bits(digits, in_features, out_features, bias, num_rows):
+@pytest.mark.parametrize("int_mm", [True, False])  # many rows: around _int_mm, or all in C
+def test_the_native_kernels_give_the_torch_paths_bits(digits, in_features, out_features, bias, num_rows, int_mm,
+                                                      monkeypatch):
     """Rows go through the AVX2 kernels (one row; more rows around _int_mm); they must give exactly
     the torch path's result, so that an output does not depend on the batch it ran in."""
     if int8_kernels() is None:
         pytest.skip("no native kernels on this machine (needs x86-64 with AVX2 and a C compiler)")
     generator = torch.Generator().manual_seed(1)
+    monkeypatch.setattr(quant_linear, "int_mm_is_faster", lambda: int_mm)
     layer = Int8Linear(make_weight(out_features, in_features), torch.randn(out_features) if bias else None,
                        activation_digits=digits)
     assert layer.kernels is not None

@@ -39,7 +39,8 @@ def add_engine_args(parser: argparse.ArgumentParser, *, repeat_model: bool = Fal
     group.add_argument("--dtype", default="auto", help="auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16")
     group.add_argument("--quantization", default=ModelConfig.quantization, choices=QUANTIZATIONS,
                        help="linear layers on the CPU: int8 (int8 weights; perplexity within 1%% of fp32), w8a8 "
-                            "(also int8 activations: faster, less exact) or none. auto (default): int8 on the "
+                            "(also int8 activations: faster, less exact), int4 (4-bit weights in groups of 32, "
+                            "int8 head: fewest bytes, least exact) or none. auto (default): int8 on the "
                             "CPU for an already quantized GGUF (Q4/Q5/Q8/K-quants), else none")
     group.add_argument("--device", default="auto", help="auto, cpu or cuda")
     group.add_argument("--load-format", default="auto", choices=["auto", "dummy"],

@@ -11,7 +11,8 @@ from tokenforge.config import EngineConfig, ModelConfig, SpeculativeConfig, defa
 from tokenforge.engine.engine_core import EngineCore
 from tokenforge.errors import ConfigError, InvalidRequestError
 from tokenforge.model.catalog import shape_config
-from tokenforge.model.layers.quant_linear import linear_quantizer, quantize_model
+from tokenforge.model.layers.native import int8_kernels
+from tokenforge.model.layers.quantize import linear_quantizer, quantize_model
 from tokenforge.model.loader import LoadedModel, load_model
 from tokenforge.model.pull import resolve_model
 from tokenforge.worker.memory import loading_memory
@@ -42,11 +43,15 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def pick_quantization(name: str, device: torch.device, quantized_source: bool) -> str:
     """auto: int8 on the CPU when the checkpoint is quantized already (its fp32 copy is no more exact
-    than int8, and int8 reads a quarter of the bytes), else none. int8 and w8a8 run on the CPU only."""
+    than int8, and int8 reads a quarter of the bytes), else none. int8, w8a8 and int4 run on the CPU
+    only; int4 needs the native kernels (its quantizer is one)."""
     if name == "auto":
         return "int8" if device.type == "cpu" and quantized_source else "none"
     if name != "none" and device.type != "cpu":
         raise ConfigError(f"--quantization {name} runs on the CPU only (the device is {device})")
+    if name == "int4" and int8_kernels() is None:
+        raise ConfigError("--quantization int4 needs the native kernels (x86-64 with AVX2, F16C and FMA, a C "
+                          "compiler, TOKENFORGE_NATIVE_KERNELS not 0)")
     return name
 
 

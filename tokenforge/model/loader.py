@@ -57,11 +57,11 @@ def build_model(arch_config: ArchConfig, dtype: torch.dtype, device: torch.devic
 
 
 def load_weights(model: nn.Module, tensors, flavor: str, permute_qk: bool,
-                 on_linear_filled: Callable[[nn.Linear], nn.Module] | None = None,
+                 on_linear_filled: Callable[[str, nn.Linear], nn.Module] | None = None,
                  device: torch.device | None = None) -> None:
     """Copies (name, tensor) pairs into the model's parameters; every parameter must be filled.
     A parameter still on the meta device is allocated on `device` when its first tensor arrives;
-    a linear layer whose parameters are all filled is replaced by on_linear_filled(layer) if given."""
+    a linear layer whose parameters are all filled is replaced by on_linear_filled(name, layer) if given."""
     config: ArchConfig = model.config
     params = dict(model.named_parameters())
     expected = {name: param.numel() for name, param in params.items()}
@@ -101,7 +101,7 @@ def _allocate(model: nn.Module, param_name: str, param: nn.Parameter, device: to
 
 
 def _replace_if_whole(model: nn.Module, param_name: str, params: dict, filled: dict, expected: dict,
-                      replace: Callable[[nn.Linear], nn.Module]) -> None:
+                      replace: Callable[[str, nn.Linear], nn.Module]) -> None:
     """Replaces the linear layer owning param_name once all its parameters are filled, and drops
     the references to its full-precision parameters so that their memory goes."""
     owner_name = param_name.rpartition(".")[0]
@@ -110,7 +110,7 @@ def _replace_if_whole(model: nn.Module, param_name: str, params: dict, filled: d
     if not isinstance(owner, nn.Linear) or any(filled.get(n, 0) != expected[n] for n in names):
         return
     parent_name, _, child = owner_name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, replace(owner))
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, replace(owner_name, owner))
     for name in names:
         del params[name]
 
@@ -129,7 +129,7 @@ def init_dummy_weights(model: nn.Module, seed: int) -> None:
 def load_model(path: Path | None, dtype: torch.dtype, device: torch.device, *,
                dummy_config: dict | None = None, load_format: str = "auto", seed: int = 0,
                cache_dir: Path | None = None,
-               quantize_linear: Callable[[bool], Callable[[nn.Linear], nn.Module] | None] | None = None,
+               quantize_linear: Callable[[bool], Callable[[str, nn.Linear], nn.Module] | None] | None = None,
                ) -> LoadedModel:
     """quantize_linear(quantized_source) may give the function that replaces each linear layer of a
     GGUF model as it is loaded (None: keep them); the caller quantizes other models afterwards."""

@@ -91,7 +91,7 @@ def test_duplicate_served_names(tmp_path):
     ('[[models]]\nmodel = "x"\nmax_num_seqs = "64"\n', "max_num_seqs must be an integer"),
     ('[[models]]\nmodel = "x"\nkv_cache_memory = "lots"\n', "kv_cache_memory is not a size"),
     ('port = [1\n', "not valid TOML"),
-    ('quantization = "int4"\n', "quantization must be one of auto, none, int8, w8a8"),
+    ('quantization = "int3"\n', "quantization must be one of auto, none, int8, w8a8, int4"),
     ('draft_quantization = 8\n', "draft_quantization must be a string"),
     ('kv_cache_dtype = "int8"\n', "kv_cache_dtype must be one of auto, float32, float16, bfloat16"),
 ])

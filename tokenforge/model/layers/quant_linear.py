@@ -19,20 +19,22 @@ it ran in (speculative verification runs k + 1 rows, plain decode one).
 were 1.5x-30x slower than fp32 MKL on an AVX2 CPU, measured; dequantizing slices to fp32 before an
 fp32 matmul was 2.3x slower than two-digit _int_mm at one row.)
 
-quantize_model(model, method) replaces every nn.Linear of a loaded model in place, and its token
-embedding with int8 rows (Int8Embedding); a model whose output head is tied to its embedding gets a
-quantized head that the embedding then shares (the codes are held once).
+Int4Linear (quant_int4.py) keeps 4-bit weights and takes the same paths; quantize.py chooses the
+layers of a model.
 """
 
 import ctypes
-from collections.abc import Callable
+import functools
+import logging
+import time
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from tokenforge.config import QUANTIZATIONS
-from tokenforge.model.layers.native import Int8RowArgs, int8_kernels
+from tokenforge.model.layers.native import Int8Kernels, Int8RowArgs, int8_kernels
+
+logger = logging.getLogger(__name__)
 
 KERNEL_STEP = 32  # the native kernels take the input width in steps of 32
 LOW_DIGIT = 254  # x / scale = hi + lo / LOW_DIGIT: lo carries the rounding error of hi, |error| <= 0.5
@@ -89,10 +91,10 @@ class Int8Linear(nn.Module):
         scaled = rows / x_scales
         high = torch.round(scaled)
         if self.activation_digits == 1:
-            out = torch._int_mm(high.to(torch.int8), self.weight.t()).to(rows.dtype)
+            out = torch._int_mm(high.to(torch.int8), self.codes().t()).to(rows.dtype)
         else:
             low = torch.round((scaled - high) * LOW_DIGIT)
-            both = torch._int_mm(torch.cat([high, low]).to(torch.int8), self.weight.t()).to(rows.dtype)
+            both = torch._int_mm(torch.cat([high, low]).to(torch.int8), self.codes().t()).to(rows.dtype)
             # Separately rounded ops (no alpha, no fused multiply-add): the native kernels repeat them.
             out = both[:num_rows] + both[num_rows:] * (1 / LOW_DIGIT)
         out = out * (x_scales * self.scales)
@@ -111,12 +113,28 @@ class Int8Linear(nn.Module):
         if self._row_args is None or self._row_args.weight is not self.weight:
             if not self._kernels_fit(row):
                 return False
-            work = torch.empty(2 * self.in_features, dtype=torch.int8)
-            bias = None if self.bias is None else self.bias.data_ptr()
-            args = Int8RowArgs(self.weight.data_ptr(), self.scales.data_ptr(), bias, work.data_ptr(), self.in_features,
-                               self.out_features, self.activation_digits, torch.get_num_threads())
-            self._row_args = RowCall(args, ctypes.addressof(args), self.weight, (self.scales, self.bias, work))
+            self._make_row_args()
         return row.dtype is torch.float32 and row.is_cpu and row.is_contiguous() and not torch.is_grad_enabled()
+
+    def _make_row_args(self) -> None:
+        work = torch.empty(2 * self.in_features, dtype=torch.int8)
+        bias = None if self.bias is None else self.bias.data_ptr()
+        weights = self._weight_pointers()
+        args = Int8RowArgs(weights[0], self.scales.data_ptr(), bias, work.data_ptr(), self.in_features,
+                           self.out_features, self.activation_digits, torch.get_num_threads(), *weights[1:])
+        self._row_args = RowCall(args, ctypes.addressof(args), self.weight, (self.scales, self.bias, work))
+
+    def _weight_pointers(self) -> tuple[int | None, int | None, int | None]:
+        """What the row kernels read: int8 codes, or 4-bit indices and group multipliers."""
+        return self.weight.data_ptr(), None, None
+
+    def codes(self) -> torch.Tensor:
+        """The int8 codes [out, in] the layer multiplies by."""
+        return self.weight
+
+    def _native_codes(self) -> torch.Tensor:
+        """codes() for the native path (Int4Linear expands them in C)."""
+        return self.weight
 
     def _forward_row(self, row: torch.Tensor) -> torch.Tensor:
         """One row all in C; the same bits as _forward_torch."""
@@ -129,19 +147,56 @@ class Int8Linear(nn.Module):
         return out
 
     def _forward_native(self, rows: torch.Tensor) -> torch.Tensor:
-        """Two rows or more: C around _int_mm; the same bits as _forward_torch."""
+        """Two rows or more: C around _int_mm, or all in C where that multiplies faster on this CPU
+        (int_mm_is_faster); the same bits as _forward_torch either way."""
         num_rows, digits = rows.shape[0], self.activation_digits
         out = torch.empty((num_rows, self.out_features), dtype=torch.float32)
         codes = torch.empty((digits * num_rows, self.in_features), dtype=torch.int8)
+        x_scales = torch.empty(num_rows, dtype=torch.float32)
+        if not int_mm_is_faster():
+            self._rows_call().rows_linear(rows.data_ptr(), out.data_ptr(), num_rows, self._row_args.address,
+                                          codes.data_ptr(), x_scales.data_ptr())
+            return out
         bias = None if self.bias is None else self.bias.data_ptr()
         threads = torch.get_num_threads()
-        x_scales = torch.empty(num_rows, dtype=torch.float32)
         self.kernels.quantize_rows(rows.data_ptr(), num_rows, self.in_features, digits, codes.data_ptr(),
                                    x_scales.data_ptr(), threads)
-        sums = torch._int_mm(codes, self.weight.t())
+        sums = torch._int_mm(codes, self._native_codes().t())
         self.kernels.rescale(sums.data_ptr(), num_rows, self.out_features, digits, x_scales.data_ptr(),
                              self.scales.data_ptr(), bias, out.data_ptr(), threads)
         return out
+
+    def _rows_call(self) -> Int8Kernels:
+        """The kernels, with the layer's row arguments made and set to this thread count."""
+        if self._row_args is None or self._row_args.weight is not self.weight:
+            self._make_row_args()
+        self._row_args.args.num_threads = torch.get_num_threads()
+        return self.kernels
+
+
+@functools.cache
+def int_mm_is_faster() -> bool:
+    """Whether torch._int_mm multiplies many rows faster than int8_rows_linear here, measured once
+    (a few ms). They give the same sums; their speeds differ by CPU: on one AVX2 Intel machine
+    _int_mm did ~175 G multiply-adds/s against ~100 for the C loop, on an AMD EPYC (Zen 3) ~2 G
+    against ~60 (MKL/oneDNN take a slow path there)."""
+    generator = torch.Generator().manual_seed(0)
+    layer = Int8Linear(torch.randn(512, 1024, generator=generator), None)
+    rows = torch.randn(64, 1024, generator=generator)
+    out, codes, x_scales = torch.empty(64, 512), torch.empty(2 * 64 * 1024, dtype=torch.int8), torch.empty(64)
+    kernels = layer._rows_call()
+    times = {}
+    for name, run in (("int_mm", lambda: torch._int_mm(codes.view(128, 1024), layer.weight.t())),
+                      ("c", lambda: kernels.rows_linear(rows.data_ptr(), out.data_ptr(), 64, layer._row_args.address,
+                                                        codes.data_ptr(), x_scales.data_ptr()))):
+        run()
+        started = time.perf_counter()
+        for _ in range(3):
+            run()
+        times[name] = time.perf_counter() - started
+    logger.info("int8 GEMM of many rows: %s (_int_mm %.2f ms, C %.2f ms a call)",
+                "_int_mm" if times["int_mm"] < times["c"] else "C", times["int_mm"] / 0.003, times["c"] / 0.003)
+    return times["int_mm"] < times["c"]
 
 
 class Int8Embedding(nn.Module):
@@ -165,40 +220,3 @@ class Int8Embedding(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.weight[input_ids].float() * self.scales[input_ids]
-
-
-def w8a8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
-    return Int8Linear(weight, bias, activation_digits=1)
-
-
-_LAYERS = {"int8": Int8Linear, "w8a8": w8a8_linear}
-
-
-def linear_quantizer(method: str) -> Callable[[nn.Linear], Int8Linear]:
-    """The function that turns one nn.Linear into `method`'s layer ("int8" or "w8a8")."""
-    make = _LAYERS[method]
-    return lambda linear: make(linear.weight, linear.bias)
-
-
-def quantize_model(model: nn.Module, method: str) -> int:
-    """Replaces the model's nn.Linear layers (and its tied output head) with `method`'s; returns
-    how many layers it quantized. "none" changes nothing ("auto" is resolved by the caller)."""
-    if method not in QUANTIZATIONS or method == "auto":
-        raise ValueError(f"unknown quantization {method!r} (choose from {', '.join(QUANTIZATIONS)})")
-    if method == "none":
-        return 0
-    make = _LAYERS[method]
-    targets = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    for name, linear in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, make(linear.weight, linear.bias))
-    count = len(targets)
-    embedding = getattr(model, "embed_tokens", None)
-    if getattr(model, "lm_head", "absent") is None and isinstance(embedding, nn.Embedding):
-        model.lm_head = make(embedding.weight, None)
-        model.embed_tokens = Int8Embedding.sharing(model.lm_head)
-        count += 1
-    elif isinstance(embedding, nn.Embedding):
-        model.embed_tokens = Int8Embedding.quantize(embedding.weight)
-    return count

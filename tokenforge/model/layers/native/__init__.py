@@ -90,13 +90,17 @@ class Int8Kernels(_Shared):
     rescale: Callable
     row_linear_packed: Callable
     rows_linear: Callable
+    int4_unpack: Callable
+    int4_quantize: Callable
 
 
 class Int8RowArgs(ctypes.Structure):
-    """int8_row_linear's fixed arguments for int8_row_linear_packed (struct int8_row_args)."""
+    """A layer's fixed arguments for the row kernels (struct int8_row_args): int8 codes (weight) or
+    4-bit groups (packed, group_scales)."""
     _fields_ = [("weight", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("work", ctypes.c_void_p), ("K", ctypes.c_int64), ("N", ctypes.c_int64),
-                ("digits", ctypes.c_int32), ("num_threads", ctypes.c_int32)]
+                ("digits", ctypes.c_int32), ("num_threads", ctypes.c_int32),
+                ("packed", ctypes.c_void_p), ("group_scales", ctypes.c_void_p)]
 
 
 _INT8_SIGNATURES = {
@@ -108,6 +112,10 @@ _INT8_SIGNATURES = {
     "int8_row_linear_packed": [_POINTER, _POINTER, _POINTER],
     # x, out, M, struct int8_row_args *, codes, x_scales
     "int8_rows_linear": [_POINTER, _POINTER, _I64, _POINTER, _POINTER, _POINTER],
+    # struct int8_row_args *, out
+    "int4_unpack": [_POINTER, _POINTER],
+    # weight, N, K, packed, multipliers, scales, num_threads (int4_codes.c)
+    "int4_quantize": [_POINTER, _I64, _I64, _POINTER, _POINTER, _POINTER, _INT],
 }
 
 
@@ -134,7 +142,7 @@ _LAYER_SIGNATURES = {
 }
 
 
-SOURCES = ("int8_linear.c", "layer_ops.c", "decode_layers.c")  # one library, in this order
+SOURCES = ("int4_codes.c", "int8_linear.c", "layer_ops.c", "decode_layers.c")  # one library, in this order
 
 
 @functools.cache
