@@ -3,17 +3,20 @@ weights a step reads from memory: the weights are stored as int8 codes with one 
 channel (a quarter of fp32's bytes) and multiplied by torch._int_mm (int8 x int8 -> int32, MKL's
 integer GEMM) without ever being dequantized.
 
-The activations are quantized per token on the fly, symmetrically, into int8 "digits":
-- int8: two digits, x / scale = hi + lo / 254 with hi, lo in [-127, 127], both multiplied in one
-  _int_mm of twice the rows (at a few rows the weights are read once either way). The activation
-  keeps about 15 bits, so the result is that of int8 weights alone (weight-only quality).
-- w8a8: one digit (x / scale rounded): half the integer work, at some cost in quality.
+The activations are quantized per token on the fly, symmetrically:
+- int8 (activation_digits 2): q = round(x / scale) as a 16-bit integer (scale = amax / 32767), so
+  the result is that of int8 weights alone (weight-only quality). The C kernels multiply q as int16
+  (vpmaddwd); for _int_mm, which takes int8 only, q is split into two bytes, q = 256 hi + lo + 128,
+  multiplied in one _int_mm of twice the rows, and recombined exactly with the weights' row sums.
+- w8a8 (activation_digits 1): one int8 (scale = amax / 127): half the integer work, at some cost
+  in quality.
 
-Where they run, native AVX2 kernels (layers/native/int8_linear.c, compiled on first use) compute
-the same bits in one or three calls instead of ~16 small torch ops around _int_mm: one row
-(single-stream decode, a draft model's steps) entirely in C, more rows as C quantization, _int_mm,
-C rescaling. Since every path gives the same bits, the output of a row never depends on the batch
-it ran in (speculative verification runs k + 1 rows, plain decode one).
+Native AVX2 kernels (layers/native/int8_linear.c, compiled on first use) compute the same bits in
+one or three calls instead of ~16 small torch ops: one row (single-stream decode, a draft model's
+steps) and, where _int_mm is slow (int_mm_is_faster), any number of rows entirely in C; else C
+quantization, _int_mm, C rescaling. Since every path gives the same integer sums and the same
+float ops after them, the output of a row never depends on the batch it ran in (speculative
+verification runs k + 1 rows, plain decode one).
 
 (PyTorch's packed weight-only kernels, aten._weight_int8pack_mm and _weight_int4pack_mm_for_cpu,
 were 1.5x-30x slower than fp32 MKL on an AVX2 CPU, measured; dequantizing slices to fp32 before an
@@ -37,7 +40,7 @@ from tokenforge.model.layers.native import Int8Kernels, Int8RowArgs, int8_kernel
 logger = logging.getLogger(__name__)
 
 KERNEL_STEP = 32  # the native kernels take the input width in steps of 32
-LOW_DIGIT = 254  # x / scale = hi + lo / LOW_DIGIT: lo carries the rounding error of hi, |error| <= 0.5
+ACTIVATION_MAX = {1: 127, 2: 32767}  # |q| of the quantized activations, by activation_digits
 
 
 def quantize_rows(weight: torch.Tensor, slice_rows: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,20 +90,28 @@ class Int8Linear(nn.Module):
 
     def _forward_torch(self, rows: torch.Tensor) -> torch.Tensor:
         num_rows = rows.shape[0]
-        x_scales = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
-        scaled = rows / x_scales
-        high = torch.round(scaled)
+        x_scales = rows.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / ACTIVATION_MAX[self.activation_digits]
+        q = torch.round(rows / x_scales)
         if self.activation_digits == 1:
-            out = torch._int_mm(high.to(torch.int8), self.codes().t()).to(rows.dtype)
+            total = torch._int_mm(q.to(torch.int8), self.codes().t())
         else:
-            low = torch.round((scaled - high) * LOW_DIGIT)
-            both = torch._int_mm(torch.cat([high, low]).to(torch.int8), self.codes().t()).to(rows.dtype)
-            # Separately rounded ops (no alpha, no fused multiply-add): the native kernels repeat them.
-            out = both[:num_rows] + both[num_rows:] * (1 / LOW_DIGIT)
-        out = out * (x_scales * self.scales)
+            high = torch.floor(q / 256)
+            low = q - high * 256 - 128
+            sums = torch._int_mm(torch.cat([high, low]).to(torch.int8), self.codes().t()).long()
+            total = sums[:num_rows] * 256 + sums[num_rows:] + 128 * self.row_sums().long()
+        # Separately rounded ops (no fused multiply-add): the native kernels repeat them.
+        out = total.to(rows.dtype) * (x_scales * self.scales)
         if self.bias is not None:
             out = out + self.bias
         return out
+
+    def row_sums(self) -> torch.Tensor:
+        """sum(codes) per output [out] (int32), for the two-byte _int_mm path; made on first use."""
+        cached = getattr(self, "_row_sums", None)
+        if cached is None or cached[0] is not self.weight:
+            cached = (self.weight, self.codes().sum(dim=1, dtype=torch.int32).contiguous())
+            self._row_sums = cached
+        return cached[1]
 
     def _kernels_fit(self, rows: torch.Tensor) -> bool:
         return (self.kernels is not None and rows.dtype == torch.float32 and rows.device.type == "cpu"
@@ -163,7 +174,7 @@ class Int8Linear(nn.Module):
                                    x_scales.data_ptr(), threads)
         sums = torch._int_mm(codes, self._native_codes().t())
         self.kernels.rescale(sums.data_ptr(), num_rows, self.out_features, digits, x_scales.data_ptr(),
-                             self.scales.data_ptr(), bias, out.data_ptr(), threads)
+                             self.scales.data_ptr(), self.row_sums().data_ptr(), bias, out.data_ptr(), threads)
         return out
 
     def _rows_call(self) -> Int8Kernels:

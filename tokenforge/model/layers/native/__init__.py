@@ -104,10 +104,10 @@ class Int8RowArgs(ctypes.Structure):
 
 
 _INT8_SIGNATURES = {
-    # x, M, K, digits, codes, x_scales, num_threads
+    # x, M, K, mode, codes, x_scales, num_threads
     "int8_quantize_rows": [_POINTER, _I64, _I64, _INT, _POINTER, _POINTER, _INT],
-    # acc, M, N, digits, x_scales, scales, bias, out, num_threads
-    "int8_rescale": [_POINTER, _I64, _I64, _INT] + [_POINTER] * 4 + [_INT],
+    # acc, M, N, digits, x_scales, scales, row_sums, bias, out, num_threads
+    "int8_rescale": [_POINTER, _I64, _I64, _INT] + [_POINTER] * 5 + [_INT],
     # x, out, struct int8_row_args *
     "int8_row_linear_packed": [_POINTER, _POINTER, _POINTER],
     # x, out, M, struct int8_row_args *, codes, x_scales
