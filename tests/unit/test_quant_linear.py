@@ -1,7 +1,7 @@
-"""int8 linear layers: codes within half a step of the weights; with two activation digits the
-layer equals a matmul with its dequantized weights to ~15 bits (bias, any leading shape, outliers);
-with one (w8a8) it equals the matmul of the rounded activations; quantize_model replaces every
-linear and a tied head."""
+"""int8 linear layers: codes within half a step of the weights; with 16-bit activations the layer
+equals a matmul with its dequantized weights to ~15 bits (bias, any leading shape, outliers); with
+int8 ones (w8a8) it equals the matmul of the rounded activations; every native path gives the torch
+path's bits (int8 and 4-bit layers); quantize_model replaces every linear and a tied head."""
 
 import pytest
 import torch
@@ -9,6 +9,7 @@ from torch import nn
 
 from tokenforge.model.layers import quant_linear
 from tokenforge.model.layers.native import int8_kernels
+from tokenforge.model.layers.quant_int4 import Int4Linear
 from tokenforge.model.layers.quant_linear import Int8Embedding, Int8Linear, quantize_rows
 from tokenforge.model.layers.quantize import quantize_model
 
@@ -107,16 +108,18 @@ def test_quantize_model_none_and_unknown():
 @pytest.mark.parametrize("in_features, out_features, bias", [(96, 64, False), (576, 960, True), (1536, 576, False)])
 @pytest.mark.parametrize("num_rows", [1, 2, 5, 19])
 @pytest.mark.parametrize("int_mm", [True, False])  # many rows: around _int_mm, or all in C
+@pytest.mark.parametrize("layer_class", [Int8Linear, Int4Linear])
 def test_the_native_kernels_give_the_torch_paths_bits(digits, in_features, out_features, bias, num_rows, int_mm,
-                                                      monkeypatch):
-    """Rows go through the AVX2 kernels (one row; more rows around _int_mm); they must give exactly
-    the torch path's result, so that an output does not depend on the batch it ran in."""
+                                                      layer_class, monkeypatch):
+    """Rows go through the AVX2 kernels (one row, a few rows, many rows in C or around _int_mm);
+    they must give exactly the torch path's result, so that an output does not depend on the batch
+    it ran in. 4-bit layers take the same paths on the codes they expand."""
     if int8_kernels() is None:
         pytest.skip("no native kernels on this machine (needs x86-64 with AVX2 and a C compiler)")
     generator = torch.Generator().manual_seed(1)
     monkeypatch.setattr(quant_linear, "int_mm_is_faster", lambda: int_mm)
-    layer = Int8Linear(make_weight(out_features, in_features), torch.randn(out_features) if bias else None,
-                       activation_digits=digits)
+    layer = layer_class(make_weight(out_features, in_features), torch.randn(out_features) if bias else None,
+                        activation_digits=digits)
     assert layer.kernels is not None
     rows = torch.randn(num_rows, in_features, generator=generator) * 50.0
     rows[0] = torch.zeros(in_features)
