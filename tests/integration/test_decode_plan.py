@@ -6,7 +6,8 @@ import torch
 
 from tokenforge.config import ModelConfig
 from tokenforge.engine.factory import load
-from tokenforge.model.decode_plan import DecodePlan
+from tokenforge.model.decode_plan import MAX_PLAN_ROWS, DecodePlan
+from tokenforge.model.layers import quant_linear
 from tokenforge.model.layers.attention import kv_cache_shape
 from tokenforge.worker.batch import SequenceChunk, build_batch
 
@@ -62,11 +63,15 @@ def test_a_replaced_layer_makes_a_new_plan(int8_model):
         layer.down_proj = original
 
 
-@pytest.mark.parametrize("query_lengths", [[1, 1], [1, 1, 1, 1], [3], [1, 2, 1]])
-def test_a_few_tokens_get_the_layer_by_layer_bits(int8_model, query_lengths):
-    """Decodes of a few streams and short verification chunks, up to MAX_PLAN_ROWS tokens in one call."""
+@pytest.mark.parametrize("query_lengths", [[1, 1], [1, 1, 1, 1], [3], [1, 2, 1], [1] * 16, [1, 3] * 5])
+def test_a_few_tokens_get_the_layer_by_layer_bits(int8_model, query_lengths, monkeypatch):
+    """Decodes of a few streams and short verification chunks, up to MAX_PLAN_ROWS tokens in one call;
+    more (up to MAX_PLAN_ROWS_C) where the C loop multiplies many rows (forced here for those)."""
+    if sum(query_lengths) > MAX_PLAN_ROWS:
+        monkeypatch.setattr(quant_linear, "int_mm_is_faster", lambda: False)
     config = int8_model.config
-    shape = (config.num_layers, *kv_cache_shape(16, BLOCK_SIZE, config.num_kv_heads, config.head_dim))
+    shape = (config.num_layers, *kv_cache_shape(4 * len(query_lengths), BLOCK_SIZE, config.num_kv_heads,
+                                                config.head_dim))
     caches = torch.zeros(shape, dtype=torch.float16), torch.zeros(shape, dtype=torch.float16)
     results = []
     for use_plan, kv_caches in zip((True, False), caches):
@@ -74,7 +79,7 @@ def test_a_few_tokens_get_the_layer_by_layer_bits(int8_model, query_lengths):
         chunks = []
         with torch.inference_mode():
             for index, num_query in enumerate(query_lengths):  # prefill each sequence but its last tokens
-                token_ids = [(13 * i + 5 * index + 1) % config.vocab_size for i in range(20 + 7 * index)]
+                token_ids = [(13 * i + 5 * index + 1) % config.vocab_size for i in range(20 + 7 * (index % 4))]
                 blocks = [4 * index + b for b in range(4)]
                 prefill = build_batch([SequenceChunk(token_ids[:-num_query], 0, blocks)], BLOCK_SIZE,
                                       torch.device("cpu"))

@@ -10,7 +10,9 @@ per second, so the plan wins only where a layer's Python costs more than that: f
 of int8 weights a layer) up to ~6 tokens (4 tokens: 14.5 vs 22.5 ms a step), while for Qwen2.5-1.5B
 (47 MB a layer) 5 tokens already ran slower than on the Python path (a draft's verification: 0.67
 against 0.38 of a one-token step per extra token). Models with more than MULTI_ROW_MAX_LAYER_BYTES
-a layer therefore use the plan for one token only. The plan holds the C structs
+a layer therefore use the plan for one token only. Where _int_mm is the slower one (int_mm_is_faster:
+an AMD EPYC Zen 3 ran it at ~2 G multiply-adds/s), the Python path runs the same C loop, so the plan
+takes up to MAX_PLAN_ROWS_C tokens: 16 streams decoding offline ~1.3x faster there (median of 3). The plan holds the C structs
 (pointers to the weights, scratch buffers); it is made on the first step it fits, after quantization.
 """
 
@@ -20,9 +22,11 @@ import torch
 
 from tokenforge.model.layers.attention import native_attention_fits, native_kv_cache
 from tokenforge.model.layers.native import DecodeLayer, DecodeModel, DecodeStep, decode_layers_kernel, layer_ops
+from tokenforge.model.layers import quant_linear
 from tokenforge.model.layers.quant_linear import Int8Linear
 
-MAX_PLAN_ROWS = 6  # tokens a step may have to run in one call (measured: see the module docstring)
+MAX_PLAN_ROWS = 6  # tokens a step may have to run in one call where _int_mm is faster (see the module docstring)
+MAX_PLAN_ROWS_C = 64  # where the C loop is the many-rows path anyway (int_mm_is_faster() is False)
 MULTI_ROW_MAX_LAYER_BYTES = 16 << 20  # int8 weights of a decoder layer up to which several tokens go in one call
 
 
@@ -32,7 +36,10 @@ class DecodePlan:
         self.kernel = kernel
         self.linears = [linear for layer in model.layers for linear in _linears(layer)]
         layer_bytes = sum(linear.weight.numel() for linear in self.linears) / len(model.layers)
-        self.max_rows = MAX_PLAN_ROWS if layer_bytes <= MULTI_ROW_MAX_LAYER_BYTES else 1  # tokens per call
+        if not quant_linear.int_mm_is_faster():  # the Python path would run the same C loop, with Python around it
+            self.max_rows = MAX_PLAN_ROWS_C
+        else:
+            self.max_rows = MAX_PLAN_ROWS if layer_bytes <= MULTI_ROW_MAX_LAYER_BYTES else 1  # tokens per call
         self.row_args = [linear._row_args for linear in self.linears]  # what the structs point into
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         hidden, inter, rows = config.hidden_size, config.intermediate_size, self.max_rows
@@ -112,7 +119,7 @@ def _linears(layer) -> tuple:
 
 
 def fits_step(x: torch.Tensor, kv_caches: torch.Tensor, meta) -> bool:
-    """Up to MAX_PLAN_ROWS tokens, all of them for the native attention, fp32 on the CPU, no autograd,
+    """Up to MAX_PLAN_ROWS_C tokens (the plan's max_rows decides), all of them for the native attention, fp32 on the CPU, no autograd,
     a cache the native kernels take."""
-    return (x.shape[0] <= MAX_PLAN_ROWS and meta.num_short_tokens == x.shape[0] and x.dtype == torch.float32
+    return (x.shape[0] <= MAX_PLAN_ROWS_C and meta.num_short_tokens == x.shape[0] and x.dtype == torch.float32
             and x.is_cpu and native_kv_cache(kv_caches) and not torch.is_grad_enabled())
