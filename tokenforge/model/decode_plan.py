@@ -12,8 +12,9 @@ of int8 weights a layer) up to ~6 tokens (4 tokens: 14.5 vs 22.5 ms a step), whi
 against 0.38 of a one-token step per extra token). Models with more than MULTI_ROW_MAX_LAYER_BYTES
 a layer therefore use the plan for one token only. Where _int_mm is the slower one (int_mm_is_faster:
 an AMD EPYC Zen 3 ran it at ~2 G multiply-adds/s), the Python path runs the same C loop, so the plan
-takes up to MAX_PLAN_ROWS_C tokens: 16 streams decoding offline ~1.3x faster there (median of 3). The plan holds the C structs
-(pointers to the weights, scratch buffers); it is made on the first step it fits, after quantization.
+takes up to MAX_PLAN_ROWS_C tokens: 16 streams decoding offline ~1.3x faster there (median of 3).
+The plan holds the C structs (pointers to the weights, scratch buffers); it is made on the first
+step it fits, after quantization.
 """
 
 import ctypes
@@ -119,7 +120,7 @@ def _linears(layer) -> tuple:
 
 
 def fits_step(x: torch.Tensor, kv_caches: torch.Tensor, meta) -> bool:
-    """Up to MAX_PLAN_ROWS_C tokens (the plan's max_rows decides), all of them for the native attention, fp32 on the CPU, no autograd,
-    a cache the native kernels take."""
+    """Up to MAX_PLAN_ROWS_C tokens (the plan's max_rows decides), all of them for the native
+    attention, fp32 on the CPU, no autograd, a cache the native kernels take."""
     return (x.shape[0] <= MAX_PLAN_ROWS_C and meta.num_short_tokens == x.shape[0] and x.dtype == torch.float32
             and x.is_cpu and native_kv_cache(kv_caches) and not torch.is_grad_enabled())
