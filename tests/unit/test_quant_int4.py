@@ -27,6 +27,7 @@ def needs_kernels():
 
 
 def test_codes_are_the_levels_times_the_multipliers():
+    needs_kernels()
     weight = make_weight(8, 64)
     packed, multipliers, scales = quantize_groups(weight)
     assert packed.shape == (8, 32) and packed.dtype == torch.uint8
@@ -41,6 +42,7 @@ def test_codes_are_the_levels_times_the_multipliers():
 
 
 def test_each_group_rounds_within_its_own_step():
+    needs_kernels()
     weight = make_weight(64, 256)
     packed, multipliers, scales = quantize_groups(weight)
     dequantized = unpack_codes(packed, multipliers).float() * scales
@@ -85,6 +87,7 @@ class Tiny(nn.Module):
 
 
 def test_int4_keeps_the_head_and_odd_widths_in_int8():
+    needs_kernels()
     model = Tiny(width=48)  # block[2] reads 48 inputs: not a whole number of groups
     assert quantize_model(model, "int4") == 3
     assert type(model.block[0]) is Int4Linear and type(model.block[2]) is Int8Linear
@@ -98,3 +101,14 @@ def test_int4_keeps_the_head_and_odd_widths_in_int8():
 def test_a_width_that_is_not_whole_groups_is_refused():
     with pytest.raises(ValueError, match="multiple of 32"):
         quantize_groups(torch.randn(4, 40))
+
+
+def test_each_weight_takes_the_nearest_code_of_its_groups_multiplier():
+    needs_kernels()
+    weight = make_weight(48, 576, seed=4)
+    packed, multipliers, scales = quantize_groups(weight)
+    codes = unpack_codes(packed, multipliers).float().view(48, 18, 32)
+    x = (weight / scales).view(48, 18, 32)
+    all_codes = torch.div(LEVELS.view(1, 1, 16) * multipliers.int().unsqueeze(2) + 64, 128, rounding_mode="floor")
+    nearest = (x.unsqueeze(-1) - all_codes.float().unsqueeze(2)).abs().min(dim=-1).values
+    assert torch.allclose((codes - x).abs(), nearest, atol=1e-4)
