@@ -7,8 +7,8 @@ multiplier u; weight i is code_i * scale (the row's fp32 scale), with the int8 c
     code_i = (LEVELS[index_i] * u + 64) >> 7  (an exact integer, |code| <= 127)
 
 So a 4-bit layer is an int8 layer whose codes are computed, not stored: every path of Int8Linear
-runs on them unchanged, with the same bits (one row and a few rows expand a group's codes in
-registers; more rows expand the matrix for _int_mm). LEVELS are 16 even steps from -127 to 111
+runs on them unchanged, with the same bits (the C loops expand a group's codes in registers;
+_int_mm gets the whole matrix expanded). LEVELS are 16 even steps from -127 to 111
 (Q4_0's grid); u gives each group its own step, as Q4_0's fp16 scale per 32 weights does, but as a
 multiple of the row's scale, which keeps the codes integers. The quantizer (native/int4_codes.c)
 tries u around the one that maps the group's largest weight to -127 and keeps, per group, the one
@@ -41,7 +41,7 @@ def group_codes(indices: torch.Tensor, multipliers: torch.Tensor) -> torch.Tenso
 def quantize_groups(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """4-bit indices packed [out, in / 2] (uint8: byte j of a group holds weight j's index in its
     low nibble, weight j + 16's in its high one), multipliers [out, in / 32] (int8) and row scales
-    [out, 1] (fp32), by int4_quantize (native/int4_codes.c: ~1 s for SmolLM2's layers)."""
+    [out, 1] (fp32), by int4_quantize (native/int4_codes.c: ~2 s for SmolLM2's layers)."""
     out_features, in_features = weight.shape
     if in_features % GROUP:
         raise ValueError(f"4-bit groups need an input width that is a multiple of {GROUP}, not {in_features}")
@@ -83,19 +83,11 @@ def _expansion_buffer(numel: int) -> torch.Tensor:
 class Int4Linear(Int8Linear):
     """An Int8Linear whose codes are 4-bit groups (see the module docstring); the same forward paths."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation_digits: int = 2):
-        torch.nn.Module.__init__(self)
-        if activation_digits not in (1, 2):
-            raise ValueError(f"activation_digits must be 1 or 2, not {activation_digits}")
-        self.out_features, self.in_features = weight.shape
-        self.activation_digits = activation_digits
+    def _store_weights(self, weight: torch.Tensor) -> None:
         packed, multipliers, scales = quantize_groups(weight)
         self.register_buffer("weight", packed)  # what the layer holds; codes() gives the int8 codes
         self.register_buffer("group_scales", multipliers)
         self.register_buffer("scales", scales.view(1, -1))
-        self.bias = None if bias is None else torch.nn.Parameter(bias.detach(), requires_grad=False)
-        self.kernels = int8_kernels()
-        self._row_args = None
 
     def _weight_pointers(self) -> tuple[int | None, int | None, int | None]:
         return None, self.weight.data_ptr(), self.group_scales.data_ptr()

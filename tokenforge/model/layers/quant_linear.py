@@ -71,12 +71,16 @@ class Int8Linear(nn.Module):
             raise ValueError(f"activation_digits must be 1 or 2, not {activation_digits}")
         self.out_features, self.in_features = weight.shape
         self.activation_digits = activation_digits
-        codes, scales = quantize_rows(weight)
-        self.register_buffer("weight", codes)  # read as its transpose [in, out], the layout _int_mm reads fastest
-        self.register_buffer("scales", scales.view(1, -1))
+        self._store_weights(weight)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.kernels = int8_kernels() if self.in_features % KERNEL_STEP == 0 else None
         self._row_args: RowCall | None = None  # the row kernel's fixed arguments, made on the first row
+
+    def _store_weights(self, weight: torch.Tensor) -> None:
+        """The quantized weights as buffers: int8 codes (weight) and row scales (Int4Linear: 4-bit groups)."""
+        codes, scales = quantize_rows(weight)
+        self.register_buffer("weight", codes)  # read as its transpose [in, out], the layout _int_mm reads fastest
+        self.register_buffer("scales", scales.view(1, -1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2 and x.shape[0] == 1 and self._row_fits(x):
@@ -121,11 +125,15 @@ class Int8Linear(nn.Module):
     def _row_fits(self, row: torch.Tensor) -> bool:
         """_kernels_fit for one row, with the layer's own checks made once (single-stream decode runs
         ~120 layer calls a step: their Python counts)."""
-        if self._row_args is None or self._row_args.weight is not self.weight:
+        if self._row_args_stale():
             if not self._kernels_fit(row):
                 return False
             self._make_row_args()
         return row.dtype is torch.float32 and row.is_cpu and row.is_contiguous() and not torch.is_grad_enabled()
+
+    def _row_args_stale(self) -> bool:
+        """No row arguments yet, or made for weights since replaced."""
+        return self._row_args is None or self._row_args.weight is not self.weight
 
     def _make_row_args(self) -> None:
         work = torch.empty(2 * self.in_features, dtype=torch.int8)
@@ -179,7 +187,7 @@ class Int8Linear(nn.Module):
 
     def _rows_call(self) -> Int8Kernels:
         """The kernels, with the layer's row arguments made and set to this thread count."""
-        if self._row_args is None or self._row_args.weight is not self.weight:
+        if self._row_args_stale():
             self._make_row_args()
         self._row_args.args.num_threads = torch.get_num_threads()
         return self.kernels
@@ -188,9 +196,9 @@ class Int8Linear(nn.Module):
 @functools.cache
 def int_mm_is_faster() -> bool:
     """Whether torch._int_mm multiplies many rows faster than int8_rows_linear here, measured once
-    (a few ms). They give the same sums; their speeds differ by CPU: on one AVX2 Intel machine
-    _int_mm did ~175 G multiply-adds/s against ~100 for the C loop, on an AMD EPYC (Zen 3) ~2 G
-    against ~60 (MKL/oneDNN take a slow path there)."""
+    (a few ms). They give the same sums; their speeds differ by CPU: _int_mm did ~175 G
+    multiply-adds/s on an earlier session's 2-core machine, ~2 G on an AMD EPYC Zen 3 (MKL/oneDNN
+    take a slow path there), where the C loop does ~50 G."""
     generator = torch.Generator().manual_seed(0)
     layer = Int8Linear(torch.randn(512, 1024, generator=generator), None)
     rows = torch.randn(64, 1024, generator=generator)
