@@ -105,15 +105,17 @@ def test_quantize_model_none_and_unknown():
 
 
 @pytest.mark.parametrize("digits", [1, 2])
-@pytest.mark.parametrize("in_features, out_features, bias", [(96, 64, False), (576, 960, True), (1536, 576, False)])
-@pytest.mark.parametrize("num_rows", [1, 2, 5, 19])
+@pytest.mark.parametrize("in_features, out_features, bias",
+                         [(96, 64, False), (576, 960, True), (1536, 578, False), (2080, 65, True)])
+@pytest.mark.parametrize("num_rows", [1, 2, 5, 8, 9, 19])
 @pytest.mark.parametrize("int_mm", [True, False])  # many rows: around _int_mm, or all in C
 @pytest.mark.parametrize("layer_class", [Int8Linear, Int4Linear])
 def test_the_native_kernels_give_the_torch_paths_bits(digits, in_features, out_features, bias, num_rows, int_mm,
                                                       layer_class, monkeypatch):
-    """Rows go through the AVX2 kernels (one row, a few rows, many rows in C or around _int_mm);
-    they must give exactly the torch path's result, so that an output does not depend on the batch
-    it ran in. 4-bit layers take the same paths on the codes they expand."""
+    """Rows go through the AVX2 kernels (one row, a few rows in one pass, many rows in C tiles of 3
+    outputs x 4 rows, or around _int_mm); they must give exactly the torch path's result, so that an
+    output does not depend on the batch it ran in. 4-bit layers take the same paths on the codes
+    they expand. The shapes leave partial tiles and cross the kernels' int32 widening (2048 inputs)."""
     if int8_kernels() is None:
         pytest.skip("no native kernels on this machine (needs x86-64 with AVX2 and a C compiler)")
     generator = torch.Generator().manual_seed(1)
@@ -132,13 +134,31 @@ def test_the_native_kernels_give_the_torch_paths_bits(digits, in_features, out_f
         assert torch.equal(native, reference)
         for i in range(num_rows):  # each row alone: the same bits as inside the batch
             assert torch.equal(layer(rows[i:i + 1]), native[i:i + 1])
-        call = layer._row_args  # the few-rows kernel of the one-call decode, from 1 to 5 rows
-        for count in range(1, min(num_rows, 5) + 1):
+        call = layer._row_args  # the rows kernel of the one-call decode, from 1 to 10 rows
+        for count in range(1, min(num_rows, 10) + 1):
             out = torch.empty(count, out_features)
             codes, x_scales = torch.empty(2 * count * in_features, dtype=torch.int8), torch.empty(count)
             layer.kernels.rows_linear(rows.data_ptr(), out.data_ptr(), count, call.address, codes.data_ptr(),
                                       x_scales.data_ptr())
             assert torch.equal(out, native[:count])
+
+
+@pytest.mark.parametrize("num_rows", [1, 6, 12])
+def test_native_sums_of_the_largest_codes_do_not_overflow(num_rows, monkeypatch):
+    """Every product at its largest (127 * 32767) over 8192 inputs: the sums exceed int32, also in each
+    int32 lane without the kernels' widening, and must still be exact in every kernel."""
+    if int8_kernels() is None:
+        pytest.skip("no native kernels on this machine (needs x86-64 with AVX2 and a C compiler)")
+    monkeypatch.setattr(quant_linear, "int_mm_is_faster", lambda: False)
+    weight = torch.ones(7, 8192)
+    weight[3] = -1.0
+    layer = Int8Linear(weight, None)
+    rows = torch.full((num_rows, 8192), 2.0)
+    with torch.inference_mode():
+        out = layer(rows)
+        assert torch.equal(out, layer._forward_torch(rows))
+    assert torch.allclose(out[:, 3], torch.full((num_rows,), -16384.0))
+    assert torch.allclose(out[:, 0], torch.full((num_rows,), 16384.0))
 
 
 def test_no_native_kernel_when_switched_off_or_the_width_does_not_fit(monkeypatch):
