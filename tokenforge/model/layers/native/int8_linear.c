@@ -80,6 +80,29 @@ static inline __attribute__((always_inline)) __m256i load_weights(const struct i
     return _mm256_loadu_si256((const __m256i *)(a->weight + at));
 }
 
+/* max |row[k]|, NaNs skipped: max is exact, so lanes give the serial loop's value. */
+static float row_amax(const float *row, int64_t K) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 lanes_max = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8)  /* maxps returns its second operand where the first is NaN */
+        lanes_max = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(row + k)), lanes_max);
+    float lanes[8], amax = 0.0f;
+    _mm256_storeu_ps(lanes, lanes_max);
+    for (int i = 0; i < 8; i++) amax = lanes[i] > amax ? lanes[i] : amax;
+    for (; k < K; k++) {
+        const float a = fabsf(row[k]);
+        amax = a > amax ? a : amax;
+    }
+    return amax;
+}
+
+/* round(row[k] / x_scale) for k = k..k+7 (division and round half to even, as nearbyintf). */
+static inline __m256i quantize8(const float *row, __m256 x_scale) {
+    const __m256 q = _mm256_div_ps(_mm256_loadu_ps(row), x_scale);
+    return _mm256_cvtps_epi32(_mm256_round_ps(q, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
 /* Per-row quantization of x [M, K] (see the comment at the top). mode 1: one int8 digit into
    codes [M, K]; mode 2: the two bytes for _int_mm into codes [2 M, K] (row r's hi at row r, its lo
    at row M + r); mode 3: int16 into codes [M, K] int16. x_scales [M]. */
@@ -88,16 +111,23 @@ void int8_quantize_rows(const float *x, int64_t M, int64_t K, int mode, int8_t *
     #pragma omp parallel for num_threads(num_threads) schedule(static) if (M * K >= 65536)
     for (int64_t r = 0; r < M; r++) {
         const float *row = x + r * K;
-        float amax = 0.0f;
-        for (int64_t k = 0; k < K; k++) {
-            float a = fabsf(row[k]);
-            amax = a > amax ? a : amax;
-        }
+        const float amax = row_amax(row, K);
         float x_scale = (amax < 1e-12f ? 1e-12f : amax) / (mode == 1 ? 127.0f : 32767.0f);
         x_scales[r] = x_scale;
         int8_t *hi = codes + r * K, *lo = codes + (M + r) * K;
         int16_t *wide = (int16_t *)codes + r * K;
-        for (int64_t k = 0; k < K; k++) {
+        int64_t k = 0;
+        if (mode != 2) {
+            const __m256 scale = _mm256_set1_ps(x_scale);
+            for (; k + 16 <= K; k += 16) {  /* |q| <= 32767: the packs do not saturate */
+                __m256i q = _mm256_packs_epi32(quantize8(row + k, scale), quantize8(row + k + 8, scale));
+                q = _mm256_permute4x64_epi64(q, 0xd8);  /* packs works within 128-bit lanes */
+                if (mode == 3) _mm256_storeu_si256((__m256i *)(wide + k), q);
+                else _mm_storeu_si128((__m128i *)(hi + k), _mm_packs_epi16(_mm256_castsi256_si128(q),
+                                                                           _mm256_extracti128_si256(q, 1)));
+            }
+        }
+        for (; k < K; k++) {
             const int q = (int)nearbyintf(row[k] / x_scale);
             if (mode == 1) hi[k] = (int8_t)q;
             else if (mode == 3) wide[k] = (int16_t)q;
@@ -201,20 +231,17 @@ static inline __attribute__((always_inline)) void dot_block(const struct int8_ro
         const int64_t k_end = k0 + WIDE_CHUNK < K ? k0 + WIDE_CHUNK : K;
         for (int o = 0; o < O; o++)
             for (int r = 0; r < R; r++) acc[o][r] = _mm256_setzero_si256();
-        for (int64_t k = k0; k < k_end; k += 32) {
+        for (int64_t k = k0; k < k_end; k += 16) {
             const int8_t *codes[BLOCK_OUTPUTS];
             for (int o = 0; o < O; o++) {
-                if (q4) _mm256_store_si256((__m256i *)groups[o], load_weights(a, n + o, k, 1));
-                codes[o] = q4 ? groups[o] : a->weight + (n + o) * K + k;
+                if (q4 && (k & 31) == 0) _mm256_store_si256((__m256i *)groups[o], load_weights(a, n + o, k, 1));
+                codes[o] = q4 ? groups[o] + (k & 31) : a->weight + (n + o) * K + k;
             }
-            for (int half = 0; half < 32; half += 16) {
-                __m256i w[BLOCK_OUTPUTS];
-                for (int o = 0; o < O; o++)
-                    w[o] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(codes[o] + half)));
-                for (int r = 0; r < R; r++) {
-                    const __m256i x = _mm256_loadu_si256((const __m256i *)(q + r * K + k + half));
-                    for (int o = 0; o < O; o++) ACCUMULATE(acc[o][r], _mm256_madd_epi16(x, w[o]));
-                }
+            __m256i w[BLOCK_OUTPUTS];
+            for (int o = 0; o < O; o++) w[o] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)codes[o]));
+            for (int r = 0; r < R; r++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(q + r * K + k));
+                for (int o = 0; o < O; o++) ACCUMULATE(acc[o][r], _mm256_madd_epi16(x, w[o]));
             }
         }
         for (int o = 0; o < O; o++)
