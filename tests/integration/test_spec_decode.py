@@ -100,6 +100,26 @@ def test_model_drafting_for_itself_is_always_accepted(smollm2_loaded, expected):
     assert stats["spec_acceptance_rate"] > 0.95, stats
 
 
+def test_a_draft_catching_up_beyond_a_round_says_so(smollm2_loaded):
+    """The draft's first pass over a prompt counts as extra tokens (the switch-off does not time it);
+    the rounds after it, every draft accepted, catch up on two tokens: none extra."""
+    model, _, _ = smollm2_loaded
+    llm = make_llm(smollm2_loaded, speculative=DRAFT, draft=model)
+    proposer = llm.engine.spec.proposer
+    extra, propose = [], proposer.propose
+
+    def recording_propose(requests, num_tokens):
+        proposals = propose(requests, num_tokens)
+        extra.extend(proposal.num_extra_tokens for proposal in proposals.values())
+        return proposals
+
+    proposer.propose = recording_propose
+    prompt_ids = llm.engine.tokenizer.encode(PROMPTS[0])
+    token_ids(llm, PROMPTS[:1])
+    assert extra[0] == len(prompt_ids) + 1 - 2  # the prompt and the first token, less a round's two
+    assert len(extra) > 3 and all(count == 0 for count in extra[1:])
+
+
 def test_stop_string_inside_accepted_drafts_cuts_the_output_as_without(smollm2_loaded, plain, expected):
     text = plain.tokenizer.decode(expected[0][:6])
     stop = text[-3:]  # ends inside the 6th token, which an n-gram draft accepts with others

@@ -25,6 +25,10 @@ from tokenforge.worker.sampler import sampling_probs
 if TYPE_CHECKING:
     from tokenforge.engine.request import Request
 
+# Tokens a drafting round after a drafting round catches up on: its last draft, never fed to the
+# draft, and the target's own token (fewer after a rejection).
+ROUND_CATCH_UP = 2
+
 
 def check_vocab_match(target: LoadedModel, draft: LoadedModel) -> None:
     """Refuses a draft whose token ids mean something else than the target's (ConfigError)."""
@@ -77,12 +81,13 @@ class DraftModelProposer:
 
     @torch.inference_mode()
     def propose(self, requests: list["Request"], num_tokens: dict[str, int]) -> dict[str, Proposal]:
-        chunks, drafting = [], []
+        chunks, drafting, num_caught_up = [], [], {}
         for request in requests:
             chunk = self._catch_up(request, num_tokens[request.request_id])
             if chunk is not None:
                 chunks.append(chunk)
                 drafting.append(request)
+                num_caught_up[request.request_id] = len(chunk.token_ids)
         drafts: list[list[int]] = [[] for _ in drafting]
         probs: list[list[torch.Tensor]] = [[] for _ in drafting]
         for step in range(max((num_tokens[r.request_id] for r in drafting), default=0)):
@@ -100,7 +105,8 @@ class DraftModelProposer:
             sequence = self.sequences[request.request_id]
             sequence.token_ids = request.all_token_ids + token_ids[:-1]  # the last draft was never fed
             sequence.num_verified = request.num_tokens
-            proposals[request.request_id] = Proposal(token_ids, torch.stack(q) if q else None)
+            proposals[request.request_id] = Proposal(token_ids, torch.stack(q) if q else None,
+                                                     max(0, num_caught_up[request.request_id] - ROUND_CATCH_UP))
         return proposals
 
     def _catch_up(self, request: "Request", num_drafts: int) -> SequenceChunk | None:

@@ -15,6 +15,10 @@ class Proposal:
     # [len(token_ids), vocab_size]: q_i, the distribution each drafted token was drawn from; None
     # when the draft is deterministic (n-gram lookup, or a greedy request), i.e. q is one-hot.
     draft_probs: torch.Tensor | None = None
+    # Tokens the proposer computed for this request before drafting beyond what a round in a row
+    # needs: a draft model's first pass over a prompt, or over the tokens decoded while drafting was
+    # off. A one-time cost of (re)starting, not a cost per round: the timed switch-off leaves it out.
+    num_extra_tokens: int = 0
 
 
 class Proposer(Protocol):

@@ -25,6 +25,23 @@ class FixedProposer:
         self.live = set(live_request_ids)
 
 
+class RestartingProposer(FixedProposer):
+    """Like a draft model: a round right after a round it was not asked for first catches up on
+    extra tokens (the prompt, or what was decoded while drafting was off)."""
+
+    def __init__(self):
+        super().__init__()
+        self.was_asked = False
+        self.restarted = False
+
+    def propose(self, requests, num_tokens):
+        proposals = super().propose(requests, num_tokens)
+        self.restarted = not self.was_asked
+        for proposal in proposals.values():
+            proposal.num_extra_tokens = 50 if self.restarted else 0
+        return proposals
+
+
 def make_decoding_request(request_id: str = "r", num_output_tokens: int = 1, **params) -> Request:
     """A running request whose tokens are all computed but its last (it is decoding)."""
     params.setdefault("max_tokens", 100)
@@ -148,20 +165,26 @@ def test_finished_requests_are_forgotten():
     assert proposer.live == {"r"}
 
 
-def run_timed_steps(controller, proposer, request, num_steps, plain_s, spec_s_per_token, accept_all=True):
+def run_timed_steps(controller, proposer, request, num_steps, plain_s, spec_s_per_token, accept_all=True,
+                    restart_s=0.0):
     """Drives propose/record for one decoding request with synthetic step times (the policy is what
-    is tested here; the engine passes real wall times); returns the k asked at each step."""
+    is tested here; the engine passes real wall times); returns the k asked at each step. A round in
+    which a RestartingProposer catches up costs restart_s more."""
     asked = []
     for _ in range(num_steps):
         proposer.asked = {}
         controller.propose([request])
         k = proposer.asked.get("r", 0)
         asked.append(k)
+        if isinstance(proposer, RestartingProposer):
+            proposer.was_asked = bool(k)
         drafts = request.spec_token_ids if k else []
         tokens = [SampledToken(9)] * ((len(drafts) if accept_all else 0) + 1)
         output = SchedulerOutput(num_scheduled_tokens={"r": 1 + len(drafts)},
                                  spec_token_ids={"r": drafts} if drafts else {})
         step_s = spec_s_per_token * len(tokens) if drafts else plain_s
+        if drafts and getattr(proposer, "restarted", False):
+            step_s += restart_s
         controller.record(output, {"r": tokens}, step_s)
         request.spec_token_ids = []
     return asked
@@ -206,3 +229,34 @@ def test_a_probe_that_runs_faster_turns_timed_drafting_back_on():
     assert asked[PROBE_INTERVAL - 1] == 1 and not controller.step_times["r"].drafting_loses
     assert asked[-1] == 4  # the text became predictable: drafting is on again
 
+
+
+def test_a_draft_catching_up_on_the_prompt_is_not_timed_as_a_round():
+    """The first drafting round also runs the draft over the prompt (here 10 plain steps' time):
+    timed as a round it would switch a draft that pays off; it is left out, later rounds count."""
+    proposer = RestartingProposer()
+    controller = timed_controller(proposer)
+    asked = run_timed_steps(controller, proposer, make_decoding_request("r"), 30, plain_s=0.1,
+                            spec_s_per_token=0.05, restart_s=1.0)
+    assert asked[:PLAIN_STEPS] == [0] * PLAIN_STEPS
+    assert all(k == 4 for k in asked[PLAIN_STEPS:])
+    times = controller.step_times["r"]
+    assert times.num_spec == len(asked) - PLAIN_STEPS - 1 and abs(times.spec_s - 0.05) < 1e-12
+
+
+def test_a_probe_that_restarts_the_draft_times_its_second_round():
+    """Switched off by measured times, a probe catches the draft up (not timed) and drafts one more
+    round, timed: faster now, so drafting is back on; still slower, it stays off."""
+    for spec_s, back_on in ((0.01, True), (0.2, False)):
+        proposer = RestartingProposer()
+        controller = timed_controller(proposer)
+        request = make_decoding_request("r")
+        run_timed_steps(controller, proposer, request, PLAIN_STEPS + MIN_TIMED_ROUNDS + 1, plain_s=0.1,
+                        spec_s_per_token=0.11)
+        assert controller.step_times["r"].drafting_loses
+        asked = run_timed_steps(controller, proposer, request, 2 * PROBE_INTERVAL, plain_s=0.1,
+                                spec_s_per_token=spec_s, restart_s=1.0)
+        probe = asked.index(1)
+        assert asked[probe:probe + 2] == [1, 1]  # the restart, then the timed round
+        assert controller.step_times["r"].drafting_loses is not back_on
+        assert (asked[probe + 2] > 0) is back_on
