@@ -21,7 +21,7 @@ with the switch-off, 1.89x with drafting forced on).
 Above `max_num_seqs` running requests a step is compute-bound and speculation is off for all.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from tokenforge.config import SpeculativeConfig
@@ -41,24 +41,52 @@ PROBE_INTERVAL = 16  # steps a switched-off request waits before drafting again 
 MAX_PROBE_INTERVAL = 256  # each probe that does not turn drafting back on doubles the wait, up to this
 PLAIN_STEPS = 3  # decode steps a request runs plain first, timing them (when the engine reports times)
 MIN_TIMED_ROUNDS = 4  # drafting rounds timed before measured seconds per token can switch drafting off
-TIME_EMA_WEIGHT = 0.3  # weight of each new step in the seconds-per-token estimates
+TIME_EMA_WEIGHT = 0.3  # weight of each new step in the running seconds and tokens of Rate
+
+
+@dataclass
+class Rate:
+    """Seconds per token over recent steps: running averages of a step's seconds and of its tokens,
+    divided (not an average of per-step ratios, which one rejected round, one token for a whole
+    round's time, would swing past plain decoding)."""
+    seconds: float | None = None
+    tokens: float | None = None
+    count: int = 0
+
+    def add(self, seconds: float, num_tokens: int) -> None:
+        self.seconds = _ema(self.seconds, seconds)
+        self.tokens = _ema(self.tokens, float(num_tokens))
+        self.count += 1
+
+    @property
+    def per_token(self) -> float | None:
+        return None if self.seconds is None else self.seconds / self.tokens
 
 
 @dataclass
 class StepTimes:
     """One request's measured seconds per generated token, decoding plain and drafting."""
-    plain_s: float | None = None
-    num_plain: int = 0
-    spec_s: float | None = None
-    num_spec: int = 0
+    plain: Rate = field(default_factory=Rate)
+    spec: Rate = field(default_factory=Rate)
 
-    def add(self, drafted: bool, seconds_per_token: float) -> None:
-        if drafted:
-            self.spec_s = _ema(self.spec_s, seconds_per_token)
-            self.num_spec += 1
-        else:
-            self.plain_s = _ema(self.plain_s, seconds_per_token)
-            self.num_plain += 1
+    def add(self, drafted: bool, seconds: float, num_tokens: int) -> None:
+        (self.spec if drafted else self.plain).add(seconds, num_tokens)
+
+    @property
+    def plain_s(self) -> float | None:
+        return self.plain.per_token
+
+    @property
+    def spec_s(self) -> float | None:
+        return self.spec.per_token
+
+    @property
+    def num_plain(self) -> int:
+        return self.plain.count
+
+    @property
+    def num_spec(self) -> int:
+        return self.spec.count
 
     @property
     def drafting_loses(self) -> bool:
@@ -226,7 +254,7 @@ class SpecController:
             if drafts and request_id in self.restarting:
                 self.follow_ups.add(request_id)
                 continue  # the draft caught up on a prompt or a pause: paid once, not per round
-            times.add(bool(drafts), step_s / len(tokens))
+            times.add(bool(drafts), step_s, len(tokens))
 
     def stats_dict(self) -> dict[str, float]:
         stats = self.stats

@@ -166,12 +166,13 @@ def test_finished_requests_are_forgotten():
 
 
 def run_timed_steps(controller, proposer, request, num_steps, plain_s, spec_s_per_token, accept_all=True,
-                    restart_s=0.0):
+                    restart_s=0.0, round_s=None, rejected_steps=()):
     """Drives propose/record for one decoding request with synthetic step times (the policy is what
     is tested here; the engine passes real wall times); returns the k asked at each step. A round in
-    which a RestartingProposer catches up costs restart_s more."""
+    which a RestartingProposer catches up costs restart_s more. round_s: a drafting round's time
+    whatever it yields; rejected_steps: the steps whose drafts are all rejected."""
     asked = []
-    for _ in range(num_steps):
+    for step in range(num_steps):
         proposer.asked = {}
         controller.propose([request])
         k = proposer.asked.get("r", 0)
@@ -179,10 +180,11 @@ def run_timed_steps(controller, proposer, request, num_steps, plain_s, spec_s_pe
         if isinstance(proposer, RestartingProposer):
             proposer.was_asked = bool(k)
         drafts = request.spec_token_ids if k else []
-        tokens = [SampledToken(9)] * ((len(drafts) if accept_all else 0) + 1)
+        accepted = accept_all and step not in rejected_steps
+        tokens = [SampledToken(9)] * ((len(drafts) if accepted else 0) + 1)
         output = SchedulerOutput(num_scheduled_tokens={"r": 1 + len(drafts)},
                                  spec_token_ids={"r": drafts} if drafts else {})
-        step_s = spec_s_per_token * len(tokens) if drafts else plain_s
+        step_s = (round_s or spec_s_per_token * len(tokens)) if drafts else plain_s
         if drafts and getattr(proposer, "restarted", False):
             step_s += restart_s
         controller.record(output, {"r": tokens}, step_s)
@@ -260,3 +262,17 @@ def test_a_probe_that_restarts_the_draft_times_its_second_round():
         assert asked[probe:probe + 2] == [1, 1]  # the restart, then the timed round
         assert controller.step_times["r"].drafting_loses is not back_on
         assert (asked[probe + 2] > 0) is back_on
+
+
+def test_one_rejected_round_does_not_switch_drafting_off():
+    """Rounds of 0.25 s give 5 tokens (0.05 s each, plain 0.1 s); one gives 1 token. Measured as
+    seconds over tokens of recent rounds drafting still wins (an average of per-round ratios would
+    have jumped to 0.11 s a token and switched it off)."""
+    proposer = FixedProposer()
+    controller = timed_controller(proposer)
+    rejected = PLAIN_STEPS + MIN_TIMED_ROUNDS + 2
+    asked = run_timed_steps(controller, proposer, make_decoding_request("r"), rejected + 10, plain_s=0.1,
+                            spec_s_per_token=None, round_s=0.25, rejected_steps={rejected})
+    assert all(k > 0 for k in asked[PLAIN_STEPS:])
+    times = controller.step_times["r"]
+    assert 0.05 < times.spec_s < 0.1 and not times.drafting_loses
