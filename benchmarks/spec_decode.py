@@ -1,6 +1,7 @@
 """Speculative decoding: single-stream decode tokens/s with and without speculation (n-gram
-lookup, a draft model), on the same prompts, interleaved in one run, plus a high-batch run that
-checks the switch-off. Greedy; the target as `tokenforge serve` loads it (--quantization auto: int8
+lookup, a draft model, and the draft forced on: k drafts every step, what the adaptive policy
+could keep), on the same prompts, interleaved in one run, plus a high-batch run that checks the
+switch-off. Greedy; the target as `tokenforge serve` loads it (--quantization auto: int8
 on the CPU for a quantized GGUF), the draft with --draft-quantization (auto: w8a8 on the CPU): the
 outputs must be identical. Writes JSON to benchmarks/results/.
 """
@@ -212,6 +213,9 @@ def main() -> None:
                "ngram": make_engine(loaded, SpeculativeConfig(method="ngram", num_speculative_tokens=k))}
     if draft is not None:
         engines["draft"] = make_engine(loaded, SpeculativeConfig(method="draft", num_speculative_tokens=k), draft)
+        # k drafts every step, the policy off: what the adaptive policy keeps of it
+        engines["draft_forced"] = make_engine(
+            loaded, SpeculativeConfig(method="draft", num_speculative_tokens=k, adaptive=False), draft)
         info["draft_cost"] = engines["draft"].spec.proposer.draft_cost  # measured: draft step / target step
     info["verify_cost"] = engines["ngram"].spec.verify_cost  # measured: each extra verified token, in steps
     tokenizer = loaded[0].tokenizer
