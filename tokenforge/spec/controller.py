@@ -73,25 +73,10 @@ class StepTimes:
         (self.spec if drafted else self.plain).add(seconds, num_tokens)
 
     @property
-    def plain_s(self) -> float | None:
-        return self.plain.per_token
-
-    @property
-    def spec_s(self) -> float | None:
-        return self.spec.per_token
-
-    @property
-    def num_plain(self) -> int:
-        return self.plain.count
-
-    @property
-    def num_spec(self) -> int:
-        return self.spec.count
-
-    @property
     def drafting_loses(self) -> bool:
-        return (self.num_spec >= MIN_TIMED_ROUNDS and self.plain_s is not None
-                and self.spec_s is not None and self.spec_s > self.plain_s)
+        plain_s, spec_s = self.plain.per_token, self.spec.per_token
+        return (self.spec.count >= MIN_TIMED_ROUNDS and plain_s is not None
+                and spec_s is not None and spec_s > plain_s)
 
 
 def _ema(old: float | None, new: float) -> float:
@@ -199,7 +184,7 @@ class SpecController:
         if k <= 0 or not self.config.adaptive:
             return max(k, 0)
         times = self.step_times.setdefault(request.request_id, StepTimes()) if self.timed else None
-        if times is not None and times.num_plain < PLAIN_STEPS:
+        if times is not None and times.plain.count < PLAIN_STEPS:
             return 0  # time plain decoding first
         acceptance = self.acceptance.get(request.request_id, PRIOR_ACCEPTANCE)
         best = best_num_drafts(acceptance, k, self.proposer.draft_cost, self.verify_cost)

@@ -204,7 +204,7 @@ def test_timed_requests_decode_plain_first_and_keep_drafting_that_pays():
     assert asked[:PLAIN_STEPS] == [0] * PLAIN_STEPS
     assert all(k == 4 for k in asked[PLAIN_STEPS:])
     times = controller.step_times["r"]
-    assert times.plain_s == 0.1 and abs(times.spec_s - 0.05) < 1e-12
+    assert times.plain.per_token == 0.1 and abs(times.spec.per_token - 0.05) < 1e-12
 
 
 def test_drafting_measured_slower_than_plain_switches_off_though_every_draft_is_accepted():
@@ -243,7 +243,7 @@ def test_a_draft_catching_up_on_the_prompt_is_not_timed_as_a_round():
     assert asked[:PLAIN_STEPS] == [0] * PLAIN_STEPS
     assert all(k == 4 for k in asked[PLAIN_STEPS:])
     times = controller.step_times["r"]
-    assert times.num_spec == len(asked) - PLAIN_STEPS - 1 and abs(times.spec_s - 0.05) < 1e-12
+    assert times.spec.count == len(asked) - PLAIN_STEPS - 1 and abs(times.spec.per_token - 0.05) < 1e-12
 
 
 def test_a_probe_that_restarts_the_draft_times_its_second_round():
@@ -275,4 +275,4 @@ def test_one_rejected_round_does_not_switch_drafting_off():
                             spec_s_per_token=None, round_s=0.25, rejected_steps={rejected})
     assert all(k > 0 for k in asked[PLAIN_STEPS:])
     times = controller.step_times["r"]
-    assert 0.05 < times.spec_s < 0.1 and not times.drafting_loses
+    assert 0.05 < times.spec.per_token < 0.1 and not times.drafting_loses
