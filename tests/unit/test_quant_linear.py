@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from tokenforge.model.layers import quant_linear
+from tokenforge.model.layers import native
 from tokenforge.model.layers.native import int8_kernels
 from tokenforge.model.layers.quant_int4 import Int4Linear
 from tokenforge.model.layers.quant_linear import Int8Embedding, Int8Linear, quantize_rows
@@ -104,25 +105,39 @@ def test_quantize_model_none_and_unknown():
         quantize_model(model, "int3")
 
 
+def kernels_of(build: str):
+    """The int8 kernels of a build: "default" (compile_flags(): AVX-512 VNNI tiles where the CPU has
+    them) or "avx2" (FLAGS only: the AVX2 loops, tested here too where the default is the other)."""
+    if int8_kernels() is None:
+        pytest.skip("no native kernels on this machine (needs x86-64 with AVX2 and a C compiler)")
+    if build == "default":
+        return int8_kernels()
+    if native.compile_flags() == native.FLAGS:
+        pytest.skip("the default build is the AVX2 one on this machine")
+    return int8_kernels(native.FLAGS)
+
+
+@pytest.mark.parametrize("build", ["default", "avx2"])
 @pytest.mark.parametrize("digits", [1, 2])
 @pytest.mark.parametrize("in_features, out_features, bias",
                          [(96, 64, False), (576, 960, True), (1536, 578, False), (2080, 65, True)])
 @pytest.mark.parametrize("num_rows", [1, 2, 5, 8, 9, 19])
 @pytest.mark.parametrize("int_mm", [True, False])  # many rows: around _int_mm, or all in C
 @pytest.mark.parametrize("layer_class", [Int8Linear, Int4Linear])
-def test_the_native_kernels_give_the_torch_paths_bits(digits, in_features, out_features, bias, num_rows, int_mm,
-                                                      layer_class, monkeypatch):
-    """Rows go through the AVX2 kernels (one row, a few rows in one pass, many rows in C tiles of 3
-    outputs x 4 rows, or around _int_mm); they must give exactly the torch path's result, so that an
-    output does not depend on the batch it ran in. 4-bit layers take the same paths on the codes
-    they expand. The shapes leave partial tiles and cross the kernels' int32 widening (2048 inputs)."""
-    if int8_kernels() is None:
-        pytest.skip("no native kernels on this machine (needs x86-64 with AVX2 and a C compiler)")
+def test_the_native_kernels_give_the_torch_paths_bits(build, digits, in_features, out_features, bias, num_rows,
+                                                      int_mm, layer_class, monkeypatch):
+    """Rows go through the native kernels (AVX2: one row, a few rows in one pass, many rows in C
+    tiles of 3 outputs x 4 rows; AVX-512 VNNI: tiles of 4 outputs x up to 6 rows; or around _int_mm);
+    they must give exactly the torch path's result, so that an output does not depend on the batch it
+    ran in. 4-bit layers take the same paths on the codes they expand. The shapes leave partial tiles
+    and cross the kernels' int32 widening (2048 inputs)."""
+    kernels = kernels_of(build)
     generator = torch.Generator().manual_seed(1)
     monkeypatch.setattr(quant_linear, "int_mm_is_faster", lambda: int_mm)
     layer = layer_class(make_weight(out_features, in_features), torch.randn(out_features) if bias else None,
                         activation_digits=digits)
     assert layer.kernels is not None
+    layer.kernels = kernels
     rows = torch.randn(num_rows, in_features, generator=generator) * 50.0
     rows[0] = torch.zeros(in_features)
     rows[-1] = make_weight(1, in_features, seed=5)
@@ -143,16 +158,17 @@ def test_the_native_kernels_give_the_torch_paths_bits(digits, in_features, out_f
             assert torch.equal(out, native[:count])
 
 
+@pytest.mark.parametrize("build", ["default", "avx2"])
 @pytest.mark.parametrize("num_rows", [1, 6, 12])
-def test_native_sums_of_the_largest_codes_do_not_overflow(num_rows, monkeypatch):
+def test_native_sums_of_the_largest_codes_do_not_overflow(build, num_rows, monkeypatch):
     """Every product at its largest (127 * 32767) over 8192 inputs: the sums exceed int32, also in each
     int32 lane without the kernels' widening, and must still be exact in every kernel."""
-    if int8_kernels() is None:
-        pytest.skip("no native kernels on this machine (needs x86-64 with AVX2 and a C compiler)")
+    kernels = kernels_of(build)
     monkeypatch.setattr(quant_linear, "int_mm_is_faster", lambda: False)
     weight = torch.ones(7, 8192)
     weight[3] = -1.0
     layer = Int8Linear(weight, None)
+    layer.kernels = kernels
     rows = torch.full((num_rows, 8192), 2.0)
     with torch.inference_mode():
         out = layer(rows)

@@ -1,11 +1,11 @@
 """Native CPU kernels, compiled on first use with the machine's C compiler and loaded with ctypes.
 
-`int8_kernels()` gives the AVX2 kernels of `int8_linear.c` (activation rows times int8 weights,
-bit for bit what Int8Linear's torch path computes), `layer_ops()` those of `layer_ops.c` (a
-decoder layer's small fp32 operations, fused), `decode_layers_kernel()` the single-stream decode
-of all layers in one call (`decode_layers.c`); the three files build one library. Each is None
-where it cannot run: not x86-64 or
-no AVX2/FMA/F16C, no C compiler, a failed build, or TOKENFORGE_NATIVE_KERNELS=0. Callers fall back to
+`int8_kernels()` gives the kernels of `int8_linear.c` (activation rows times int8 weights, bit
+for bit what Int8Linear's torch path computes; AVX2, and `int8_tiles512.c` where the CPU has
+AVX-512 VNNI), `layer_ops()` those of `layer_ops.c` (a decoder layer's small fp32 operations,
+fused), `decode_layers_kernel()` the decode of all layers in one call (`decode_layers.c`); the
+files build one library. Each is None where it cannot run: not x86-64 or no AVX2/FMA/F16C, no C
+compiler, a failed build, or TOKENFORGE_NATIVE_KERNELS=0. Callers fall back to
 torch then. The library is cached under the model cache (kernels/), keyed by the source and the
 flags, and links libgomp, the OpenMP runtime torch has loaded already: one pool of threads.
 """
@@ -32,32 +32,50 @@ logger = logging.getLogger(__name__)
 
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fno-fast-math", "-fopenmp", "-shared", "-fPIC")
 REQUIRED_CPU_FLAGS = {"avx2", "fma", "f16c"}
+# int8_tiles512.c: where the CPU has these too (TOKENFORGE_NATIVE_AVX512=0 keeps the AVX2 loops)
+AVX512_FLAGS = ("-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512vnni")
+AVX512_CPU_FLAGS = {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"}
 
 
 def enabled() -> bool:
     return os.environ.get("TOKENFORGE_NATIVE_KERNELS", "1") != "0"
 
 
-def cpu_supports_avx2() -> bool:
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (/proc/cpuinfo); empty where not x86-64 or unreadable."""
     if platform.machine() not in ("x86_64", "AMD64"):
-        return False
+        return frozenset()
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return REQUIRED_CPU_FLAGS <= set(line.split(":", 1)[1].split())
-    return False
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
-def build(source: str, name: str, cache_dir: Path) -> Path | None:
-    """The shared library of `source`, compiled once into cache_dir; None if it cannot be built."""
+def cpu_supports_avx2() -> bool:
+    return REQUIRED_CPU_FLAGS <= cpu_flags()
+
+
+def compile_flags() -> tuple[str, ...]:
+    """FLAGS, with the AVX-512 VNNI ones where the CPU has them."""
+    if AVX512_CPU_FLAGS <= cpu_flags() and os.environ.get("TOKENFORGE_NATIVE_AVX512", "1") != "0":
+        return FLAGS + AVX512_FLAGS
+    return FLAGS
+
+
+def build(source: str, name: str, cache_dir: Path, flags: tuple[str, ...] | None = None) -> Path | None:
+    """The shared library of `source`, compiled once into cache_dir with flags (compile_flags() if
+    None); None if it cannot be built."""
+    flags = compile_flags() if flags is None else flags
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         logger.info("no C compiler found: native kernels off")
         return None
-    key = hashlib.sha256((source + " ".join(FLAGS)).encode()).hexdigest()[:16]
+    key = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
     target = cache_dir / f"{name}-{key}.so"
     if target.exists():
         return target
@@ -65,7 +83,7 @@ def build(source: str, name: str, cache_dir: Path) -> Path | None:
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         src, out = Path(tmp) / f"{name}.c", Path(tmp) / f"{name}.so"
         src.write_text(source)
-        done = subprocess.run([compiler, *FLAGS, "-o", str(out), str(src), "-lm"], capture_output=True, text=True)
+        done = subprocess.run([compiler, *flags, "-o", str(out), str(src), "-lm"], capture_output=True, text=True)
         if done.returncode != 0:
             logger.warning("building native kernel %s failed, using torch: %s", name, done.stderr[-500:])
             return None
@@ -142,16 +160,18 @@ _LAYER_SIGNATURES = {
 }
 
 
-SOURCES = ("int4_codes.c", "int8_linear.c", "layer_ops.c", "decode_layers.c")  # one library, in this order
+# one library, in this order
+SOURCES = ("int4_codes.c", "int8_linear.c", "int8_tiles512.c", "layer_ops.c", "decode_layers.c")
 
 
 @functools.cache
-def _library() -> ctypes.CDLL | None:
-    """The library of SOURCES, built on first use, or None (see the module docstring)."""
+def _library(flags: tuple[str, ...] | None) -> ctypes.CDLL | None:
+    """The library of SOURCES, built on first use with flags (None: compile_flags()), or None (see
+    the module docstring)."""
     if not cpu_supports_avx2():
         return None
     source = "\n".join(resources.files(__package__).joinpath(name).read_text() for name in SOURCES)
-    path = build(source, "native", default_cache_dir() / "kernels")
+    path = build(source, "native", default_cache_dir() / "kernels", flags)
     if path is None:
         return None
     try:
@@ -161,10 +181,10 @@ def _library() -> ctypes.CDLL | None:
         return None
 
 
-def load(signatures: dict[str, list]) -> list[Callable] | None:
+def load(signatures: dict[str, list], flags: tuple[str, ...] | None = None) -> list[Callable] | None:
     """The library's functions of `signatures`, typed, or None where the library cannot run
     (TOKENFORGE_NATIVE_KERNELS is read on each call, the built library is kept)."""
-    library = _library() if enabled() else None
+    library = _library(flags) if enabled() else None
     if library is None:
         return None
     functions = []
@@ -176,8 +196,10 @@ def load(signatures: dict[str, list]) -> list[Callable] | None:
 
 
 @functools.cache
-def int8_kernels() -> Int8Kernels | None:
-    functions = load(_INT8_SIGNATURES)
+def int8_kernels(flags: tuple[str, ...] | None = None) -> Int8Kernels | None:
+    """The int8 kernels of the library built with flags (None: compile_flags(); tests also build the
+    AVX2-only one, FLAGS, on a CPU with AVX-512 VNNI)."""
+    functions = load(_INT8_SIGNATURES, flags)
     return None if functions is None else Int8Kernels(*functions)
 
 

@@ -40,6 +40,13 @@ for _int_mm. Same integers, so the same bits again.
 #define BLOCK_OUTPUTS 3  /* more rows: tiles of 3 outputs x 4 rows (12 accumulators of the 16 registers) */
 #define BLOCK_ROWS 4
 
+/* AVX-512 VNNI tiles (int8_tiles512.c) for the 16-bit activations where the compiler is given them. */
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define HAVE_TILES512 1
+#else
+#define HAVE_TILES512 0
+#endif
+
 /* acc += p in place: gcc otherwise adds into a new register and copies it back each step (1.3x slower). */
 #define ACCUMULATE(acc, p) __asm__("vpaddd %1, %0, %0" : "+x"(acc) : "x"(p))
 
@@ -71,6 +78,11 @@ struct int8_row_args {
     const uint8_t *packed;
     const int8_t *group_scales;
 };
+
+#if HAVE_TILES512
+static void tiles512_linear(float *out, int64_t M, const struct int8_row_args *a, const int16_t *q,
+                            const float *x_scales);  /* int8_tiles512.c */
+#endif
 
 /* The codes of weights k..k+31 of output row n (q4: a constant where inlined). */
 static inline __attribute__((always_inline)) __m256i load_weights(const struct int8_row_args *a, int64_t n,
@@ -264,6 +276,12 @@ static void dot_block_any(const struct int8_row_args *a, int64_t n, const int16_
 void int8_row_linear_packed(const float *x, float *out, const struct int8_row_args *a) {
     float x_scale;
     int8_quantize_rows(x, 1, a->K, a->digits == 2 ? 3 : 1, a->work, &x_scale, 1);
+#if HAVE_TILES512
+    if (a->digits == 2) {
+        tiles512_linear(out, 1, a, (const int16_t *)a->work, &x_scale);
+        return;
+    }
+#endif
     #pragma omp parallel for num_threads(a->num_threads) schedule(static)
     for (int64_t n = 0; n < a->N; n++) {
         int64_t sum;
@@ -279,6 +297,12 @@ void int8_rows_linear(const float *x, float *out, int64_t M, const struct int8_r
     const int64_t K = a->K, N = a->N;
     const int64_t row_bytes = a->digits == 2 ? 2 * K : K;
     int8_quantize_rows(x, M, K, a->digits == 2 ? 3 : 1, codes, x_scales, a->num_threads);  /* threads if large */
+#if HAVE_TILES512
+    if (a->digits == 2) {
+        tiles512_linear(out, M, a, (const int16_t *)codes, x_scales);
+        return;
+    }
+#endif
     if (a->digits == 2 && M > PASS_ROWS) {
         #pragma omp parallel for num_threads(a->num_threads) schedule(static)
         for (int64_t n = 0; n < N; n += BLOCK_OUTPUTS) {
