@@ -68,7 +68,7 @@ def test_a_few_tokens_get_the_layer_by_layer_bits(int8_model, query_lengths, mon
     """Decodes of a few streams and short verification chunks, up to MAX_PLAN_ROWS tokens in one call;
     more (up to MAX_PLAN_ROWS_C) where the C loop multiplies many rows (forced here for those)."""
     if sum(query_lengths) > MAX_PLAN_ROWS:
-        monkeypatch.setattr(quant_linear, "int_mm_is_faster", lambda: False)
+        monkeypatch.setattr(quant_linear, "int_mm_is_faster", lambda num_rows=64: False)
     config = int8_model.config
     shape = (config.num_layers, *kv_cache_shape(4 * len(query_lengths), BLOCK_SIZE, config.num_kv_heads,
                                                 config.head_dim))

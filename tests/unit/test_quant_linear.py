@@ -133,7 +133,7 @@ def test_the_native_kernels_give_the_torch_paths_bits(build, digits, in_features
     and cross the kernels' int32 widening (2048 inputs)."""
     kernels = kernels_of(build)
     generator = torch.Generator().manual_seed(1)
-    monkeypatch.setattr(quant_linear, "int_mm_is_faster", lambda: int_mm)
+    monkeypatch.setattr(quant_linear, "int_mm_is_faster", lambda num_rows=64: int_mm)
     layer = layer_class(make_weight(out_features, in_features), torch.randn(out_features) if bias else None,
                         activation_digits=digits)
     assert layer.kernels is not None
@@ -164,7 +164,7 @@ def test_native_sums_of_the_largest_codes_do_not_overflow(build, num_rows, monke
     """Every product at its largest (127 * 32767) over 8192 inputs: the sums exceed int32, also in each
     int32 lane without the kernels' widening, and must still be exact in every kernel."""
     kernels = kernels_of(build)
-    monkeypatch.setattr(quant_linear, "int_mm_is_faster", lambda: False)
+    monkeypatch.setattr(quant_linear, "int_mm_is_faster", lambda num_rows=64: False)
     weight = torch.ones(7, 8192)
     weight[3] = -1.0
     layer = Int8Linear(weight, None)

@@ -27,7 +27,7 @@ from tokenforge.model.layers import quant_linear
 from tokenforge.model.layers.quant_linear import Int8Linear
 
 MAX_PLAN_ROWS = 6  # tokens a step may have to run in one call where _int_mm is faster (see the module docstring)
-MAX_PLAN_ROWS_C = 64  # where the C loop is the many-rows path anyway (int_mm_is_faster() is False)
+MAX_PLAN_ROWS_C = quant_linear.DECODE_ROWS  # where the C loop is the decode path anyway (int_mm_is_faster() False)
 MULTI_ROW_MAX_LAYER_BYTES = 16 << 20  # int8 weights of a decoder layer up to which several tokens go in one call
 
 

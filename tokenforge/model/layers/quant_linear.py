@@ -11,12 +11,12 @@ The activations are quantized per token on the fly, symmetrically:
 - w8a8 (activation_digits 1): one int8 (scale = amax / 127): half the integer work, at some cost
   in quality.
 
-Native AVX2 kernels (layers/native/int8_linear.c, compiled on first use) compute the same bits in
-one or three calls instead of ~16 small torch ops: one row (single-stream decode, a draft model's
-steps) and, where _int_mm is slow (int_mm_is_faster), any number of rows entirely in C; else C
-quantization, _int_mm, C rescaling. Since every path gives the same integer sums and the same
-float ops after them, the output of a row never depends on the batch it ran in (speculative
-verification runs k + 1 rows, plain decode one).
+Native kernels (layers/native/int8_linear.c, AVX2, and int8_tiles512.c, AVX-512 VNNI, compiled on
+first use) compute the same bits in one or three calls instead of ~16 small torch ops: one row
+(single-stream decode, a draft model's steps) and, where _int_mm is not faster for that many rows
+(int_mm_is_faster), any number of rows entirely in C; else C quantization, _int_mm, C rescaling.
+Since every path gives the same integer sums and the same float ops after them, the output of a
+row never depends on the batch it ran in (speculative verification runs k + 1 rows, plain decode one).
 
 (PyTorch's packed weight-only kernels, aten._weight_int8pack_mm and _weight_int4pack_mm_for_cpu,
 were 1.5x-30x slower than fp32 MKL on an AVX2 CPU, measured; dequantizing slices to fp32 before an
@@ -172,7 +172,7 @@ class Int8Linear(nn.Module):
         out = torch.empty((num_rows, self.out_features), dtype=torch.float32)
         codes = torch.empty((digits * num_rows, self.in_features), dtype=torch.int8)
         x_scales = torch.empty(num_rows, dtype=torch.float32)
-        if not int_mm_is_faster():
+        if not int_mm_is_faster(num_rows):
             self._rows_call().rows_linear(rows.data_ptr(), out.data_ptr(), num_rows, self._row_args.address,
                                           codes.data_ptr(), x_scales.data_ptr())
             return out
@@ -193,29 +193,45 @@ class Int8Linear(nn.Module):
         return self.kernels
 
 
+DECODE_ROWS = 64  # up to this many rows a call (decode batches, DecodePlan): one case of int_mm_is_faster
+INT_MM_MARGIN = 1.2  # for those, _int_mm must be this much faster: the C loop also runs DecodePlan's 64 rows
+
+
+def int_mm_is_faster(num_rows: int = DECODE_ROWS) -> bool:
+    """Whether torch._int_mm multiplies num_rows rows faster than int8_rows_linear here, measured once
+    for up to DECODE_ROWS rows and once for more (a few ms each). They give the same sums; their speeds
+    differ by CPU: _int_mm did ~175 G multiply-adds/s on an earlier session's 2-core machine, ~2 G on
+    an AMD EPYC Zen 3 (MKL/oneDNN take a slow path there), where the C loop does ~60-100 G; on an
+    Intel Xeon with AVX-512 VNNI both do ~150-210 G (int8_tiles512.c). Up to DECODE_ROWS rows the C
+    loop also lets DecodePlan run a decode step in one call (offline 16 streams there: 1.1x-1.2x the
+    throughput of _int_mm with Python between layers), so _int_mm must win by INT_MM_MARGIN."""
+    if num_rows <= DECODE_ROWS:
+        return _int_mm_speedup(DECODE_ROWS) > INT_MM_MARGIN
+    return _int_mm_speedup(8 * DECODE_ROWS) > 1.0
+
+
 @functools.cache
-def int_mm_is_faster() -> bool:
-    """Whether torch._int_mm multiplies many rows faster than int8_rows_linear here, measured once
-    (a few ms). They give the same sums; their speeds differ by CPU: _int_mm did ~175 G
-    multiply-adds/s on an earlier session's 2-core machine, ~2 G on an AMD EPYC Zen 3 (MKL/oneDNN
-    take a slow path there), where the C loop does ~60-100 G (tiles of 3 outputs x 4 rows)."""
+def _int_mm_speedup(num_rows: int) -> float:
+    """C seconds / _int_mm seconds for num_rows rows of a 512 x 1024 layer (best of 3 alternated rounds)."""
     generator = torch.Generator().manual_seed(0)
     layer = Int8Linear(torch.randn(512, 1024, generator=generator), None)
-    rows = torch.randn(64, 1024, generator=generator)
-    out, codes, x_scales = torch.empty(64, 512), torch.empty(2 * 64 * 1024, dtype=torch.int8), torch.empty(64)
+    rows = torch.randn(num_rows, 1024, generator=generator)
+    out, x_scales = torch.empty(num_rows, 512), torch.empty(num_rows)
+    codes = torch.empty(2 * num_rows * 1024, dtype=torch.int8)
     kernels = layer._rows_call()
-    times = {}
-    for name, run in (("int_mm", lambda: torch._int_mm(codes.view(128, 1024), layer.weight.t())),
-                      ("c", lambda: kernels.rows_linear(rows.data_ptr(), out.data_ptr(), 64, layer._row_args.address,
-                                                        codes.data_ptr(), x_scales.data_ptr()))):
-        run()
-        started = time.perf_counter()
-        for _ in range(3):
+    runs = {"int_mm": lambda: torch._int_mm(codes.view(2 * num_rows, 1024), layer.weight.t()),
+            "c": lambda: kernels.rows_linear(rows.data_ptr(), out.data_ptr(), num_rows, layer._row_args.address,
+                                             codes.data_ptr(), x_scales.data_ptr())}
+    seconds = {name: float("inf") for name in runs}
+    for _ in range(3):
+        for name, run in runs.items():
             run()
-        times[name] = time.perf_counter() - started
-    logger.info("int8 GEMM of many rows: %s (_int_mm %.2f ms, C %.2f ms a call)",
-                "_int_mm" if times["int_mm"] < times["c"] else "C", times["int_mm"] / 0.003, times["c"] / 0.003)
-    return times["int_mm"] < times["c"]
+            started = time.perf_counter()
+            run()
+            seconds[name] = min(seconds[name], time.perf_counter() - started)
+    logger.info("int8 GEMM of %d rows: _int_mm %.2f ms, C %.2f ms a call", num_rows, seconds["int_mm"] * 1e3,
+                seconds["c"] * 1e3)
+    return seconds["c"] / seconds["int_mm"]
 
 
 class Int8Embedding(nn.Module):
