@@ -185,3 +185,16 @@ def test_no_native_kernel_when_switched_off_or_the_width_does_not_fit(monkeypatc
         assert int8_kernels() is None and Int8Linear(make_weight(8, 64), None).kernels is None
     finally:
         int8_kernels.cache_clear()
+
+
+def test_decode_sizes_keep_the_c_loop_unless_int_mm_wins_by_the_margin(monkeypatch):
+    """Up to DECODE_ROWS rows the C loop (and DecodePlan's one call a step) stays unless _int_mm measures
+    INT_MM_MARGIN faster; more rows take whichever is faster."""
+    if int8_kernels() is None:
+        pytest.skip("no native kernels on this machine (needs x86-64 with AVX2 and a C compiler)")
+    speedup = quant_linear._int_mm_speedup(quant_linear.DECODE_ROWS, calls=1)  # the real measurement
+    assert 0.0 < speedup < float("inf")
+    for measured, decode, prefill in ((1.3, False, True), (0.9, False, False), (1.6, True, True)):
+        monkeypatch.setattr(quant_linear, "_int_mm_speedup", lambda num_rows, m=measured: m)
+        assert quant_linear.int_mm_is_faster(quant_linear.DECODE_ROWS) is decode
+        assert quant_linear.int_mm_is_faster(8 * quant_linear.DECODE_ROWS) is prefill

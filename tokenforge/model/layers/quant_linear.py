@@ -165,14 +165,14 @@ class Int8Linear(nn.Module):
         self.kernels.row_linear_packed(row.data_ptr(), out.data_ptr(), call.address)
         return out
 
-    def _forward_native(self, rows: torch.Tensor) -> torch.Tensor:
+    def _forward_native(self, rows: torch.Tensor, use_int_mm: bool | None = None) -> torch.Tensor:
         """Two rows or more: C around _int_mm, or all in C where that multiplies faster on this CPU
-        (int_mm_is_faster); the same bits as _forward_torch either way."""
+        (int_mm_is_faster, unless use_int_mm says); the same bits as _forward_torch either way."""
         num_rows, digits = rows.shape[0], self.activation_digits
         out = torch.empty((num_rows, self.out_features), dtype=torch.float32)
         codes = torch.empty((digits * num_rows, self.in_features), dtype=torch.int8)
         x_scales = torch.empty(num_rows, dtype=torch.float32)
-        if not int_mm_is_faster(num_rows):
+        if not (int_mm_is_faster(num_rows) if use_int_mm is None else use_int_mm):
             self._rows_call().rows_linear(rows.data_ptr(), out.data_ptr(), num_rows, self._row_args.address,
                                           codes.data_ptr(), x_scales.data_ptr())
             return out
@@ -194,7 +194,7 @@ class Int8Linear(nn.Module):
 
 
 DECODE_ROWS = 64  # up to this many rows a call (decode batches, DecodePlan): one case of int_mm_is_faster
-INT_MM_MARGIN = 1.2  # for those, _int_mm must be this much faster: the C loop also runs DecodePlan's 64 rows
+INT_MM_MARGIN = 1.5  # for those, _int_mm must be this much faster: the C loop also runs DecodePlan's 64 rows
 
 
 def int_mm_is_faster(num_rows: int = DECODE_ROWS) -> bool:
@@ -202,36 +202,36 @@ def int_mm_is_faster(num_rows: int = DECODE_ROWS) -> bool:
     for up to DECODE_ROWS rows and once for more (a few ms each). They give the same sums; their speeds
     differ by CPU: _int_mm did ~175 G multiply-adds/s on an earlier session's 2-core machine, ~2 G on
     an AMD EPYC Zen 3 (MKL/oneDNN take a slow path there), where the C loop does ~60-100 G; on an
-    Intel Xeon with AVX-512 VNNI both do ~150-210 G (int8_tiles512.c). Up to DECODE_ROWS rows the C
-    loop also lets DecodePlan run a decode step in one call (offline 16 streams there: 1.1x-1.2x the
-    throughput of _int_mm with Python between layers), so _int_mm must win by INT_MM_MARGIN."""
+    Intel Xeon with AVX-512 VNNI both do ~150-300 G (int8_tiles512.c). Up to DECODE_ROWS rows the C
+    loop also lets DecodePlan run a decode step in one call, without Python between layers: on that
+    Xeon, with _int_mm measured 1.09x-1.23x faster inside the engine, offline 16 streams ran 1.23x
+    faster on the C loop and the plan (452 vs 367 out tok/s); on the earlier machine, _int_mm 1.7x
+    faster, the plan lost beyond ~6 tokens. So _int_mm must win by INT_MM_MARGIN there."""
     if num_rows <= DECODE_ROWS:
         return _int_mm_speedup(DECODE_ROWS) > INT_MM_MARGIN
     return _int_mm_speedup(8 * DECODE_ROWS) > 1.0
 
 
 @functools.cache
-def _int_mm_speedup(num_rows: int) -> float:
-    """C seconds / _int_mm seconds for num_rows rows of a 512 x 1024 layer (best of 3 alternated rounds)."""
+def _int_mm_speedup(num_rows: int, calls: int = 5) -> float:
+    """C seconds / _int_mm seconds for num_rows rows of a 1536 x 576 layer (SmolLM2's MLP), each path
+    whole (_int_mm with its quantization and rescaling), `calls` calls a round, best of 3 alternated
+    rounds (single calls of ~0.1 ms measured the threads' wake-up)."""
     generator = torch.Generator().manual_seed(0)
-    layer = Int8Linear(torch.randn(512, 1024, generator=generator), None)
-    rows = torch.randn(num_rows, 1024, generator=generator)
-    out, x_scales = torch.empty(num_rows, 512), torch.empty(num_rows)
-    codes = torch.empty(2 * num_rows * 1024, dtype=torch.int8)
-    kernels = layer._rows_call()
-    runs = {"int_mm": lambda: torch._int_mm(codes.view(2 * num_rows, 1024), layer.weight.t()),
-            "c": lambda: kernels.rows_linear(rows.data_ptr(), out.data_ptr(), num_rows, layer._row_args.address,
-                                             codes.data_ptr(), x_scales.data_ptr())}
-    seconds = {name: float("inf") for name in runs}
-    for _ in range(3):
-        for name, run in runs.items():
-            run()
-            started = time.perf_counter()
-            run()
-            seconds[name] = min(seconds[name], time.perf_counter() - started)
-    logger.info("int8 GEMM of %d rows: _int_mm %.2f ms, C %.2f ms a call", num_rows, seconds["int_mm"] * 1e3,
-                seconds["c"] * 1e3)
-    return seconds["c"] / seconds["int_mm"]
+    layer = Int8Linear(torch.randn(1536, 576, generator=generator), None)
+    rows = torch.randn(num_rows, 576, generator=generator)
+    seconds = {True: float("inf"), False: float("inf")}  # by use_int_mm
+    with torch.inference_mode():
+        for _ in range(3):
+            for use_int_mm in seconds:
+                layer._forward_native(rows, use_int_mm)
+                started = time.perf_counter()
+                for _ in range(calls):
+                    layer._forward_native(rows, use_int_mm)
+                seconds[use_int_mm] = min(seconds[use_int_mm], (time.perf_counter() - started) / calls)
+    logger.info("int8 GEMM of %d rows: _int_mm %.3f ms, C %.3f ms a call", num_rows, seconds[True] * 1e3,
+                seconds[False] * 1e3)
+    return seconds[False] / seconds[True]
 
 
 class Int8Embedding(nn.Module):
