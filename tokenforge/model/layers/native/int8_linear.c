@@ -80,7 +80,7 @@ struct int8_row_args {
 };
 
 #if HAVE_TILES512
-static void tiles512_linear(float *out, int64_t M, const struct int8_row_args *a, const int16_t *q,
+static void tiles512_linear(float *out, int64_t M, const struct int8_row_args *a, int8_t *q,
                             const float *x_scales);  /* int8_tiles512.c */
 #endif
 
@@ -277,10 +277,8 @@ void int8_row_linear_packed(const float *x, float *out, const struct int8_row_ar
     float x_scale;
     int8_quantize_rows(x, 1, a->K, a->digits == 2 ? 3 : 1, a->work, &x_scale, 1);
 #if HAVE_TILES512
-    if (a->digits == 2) {
-        tiles512_linear(out, 1, a, (const int16_t *)a->work, &x_scale);
-        return;
-    }
+    tiles512_linear(out, 1, a, a->work, &x_scale);
+    return;
 #endif
     #pragma omp parallel for num_threads(a->num_threads) schedule(static)
     for (int64_t n = 0; n < a->N; n++) {
@@ -298,10 +296,8 @@ void int8_rows_linear(const float *x, float *out, int64_t M, const struct int8_r
     const int64_t row_bytes = a->digits == 2 ? 2 * K : K;
     int8_quantize_rows(x, M, K, a->digits == 2 ? 3 : 1, codes, x_scales, a->num_threads);  /* threads if large */
 #if HAVE_TILES512
-    if (a->digits == 2) {
-        tiles512_linear(out, M, a, (const int16_t *)codes, x_scales);
-        return;
-    }
+    tiles512_linear(out, M, a, codes, x_scales);
+    return;
 #endif
     if (a->digits == 2 && M > PASS_ROWS) {
         #pragma omp parallel for num_threads(a->num_threads) schedule(static)
