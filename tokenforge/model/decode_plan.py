@@ -10,9 +10,10 @@ per second, so the plan wins only where a layer's Python costs more than that: f
 of int8 weights a layer) up to ~6 tokens (4 tokens: 14.5 vs 22.5 ms a step), while for Qwen2.5-1.5B
 (47 MB a layer) 5 tokens already ran slower than on the Python path (a draft's verification: 0.67
 against 0.38 of a one-token step per extra token). Models with more than MULTI_ROW_MAX_LAYER_BYTES
-a layer therefore use the plan for one token only. Where _int_mm is the slower one (int_mm_is_faster:
-an AMD EPYC Zen 3 ran it at ~2 G multiply-adds/s), the Python path runs the same C loop, so the plan
-takes up to MAX_PLAN_ROWS_C tokens: 16 streams decoding offline ~1.3x faster there (median of 3).
+a layer therefore use the plan for one token only. Where the C loop is the decode path anyway
+(int_mm_is_faster() False: an AMD EPYC Zen 3 ran _int_mm at ~2 G multiply-adds/s; on an Intel Xeon
+the AVX-512 VNNI tiles keep it within 1.5x), the plan takes up to MAX_PLAN_ROWS_C tokens: 16 streams
+decoding offline ~1.3x faster on that EPYC (median of 3), 1.23x on that Xeon.
 The plan holds the C structs (pointers to the weights, scratch buffers); it is made on the first
 step it fits, after quantization.
 """
