@@ -187,6 +187,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--draft-quantization", default=SpeculativeConfig.draft_quantization)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
+    parser.add_argument("--draft-head-ids", type=int, default=0,
+                        help="also run the draft with its head over the first N ids (draft_head, draft_head_forced)")
     parser.add_argument("--batch-size", type=int, default=16, help="high-batch run (0: skip)")
     parser.add_argument("--batch-max-tokens", type=int, default=32)
     parser.add_argument("--batch-rounds", type=int, default=2)
@@ -217,6 +219,11 @@ def main() -> None:
         engines["draft_forced"] = make_engine(
             loaded, SpeculativeConfig(method="draft", num_speculative_tokens=k, adaptive=False), draft)
         info["draft_cost"] = engines["draft"].spec.proposer.draft_cost  # measured: draft step / target step
+        if args.draft_head_ids:  # the same draft with its head over the first ids only, adaptive and forced on
+            limited = SpeculativeConfig(method="draft", num_speculative_tokens=k, draft_head_ids=args.draft_head_ids)
+            engines["draft_head"] = make_engine(loaded, limited, draft)
+            engines["draft_head_forced"] = make_engine(loaded, dataclasses.replace(limited, adaptive=False), draft)
+            info["draft_head_cost"] = engines["draft_head"].spec.proposer.draft_cost
     info["verify_cost"] = engines["ngram"].spec.verify_cost  # measured: each extra verified token, in steps
     tokenizer = loaded[0].tokenizer
     plain_llm = LLM(engine=engines["plain"])

@@ -26,6 +26,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 # Always draft k tokens (no adaptive switch-off), so that every step exercises verification.
 NGRAM = SpeculativeConfig(method="ngram", num_speculative_tokens=4, adaptive=False, max_num_seqs=1024)
 DRAFT = dataclasses.replace(NGRAM, method="draft", num_speculative_tokens=3)
+DRAFT_HEAD = dataclasses.replace(DRAFT, draft_head_ids=1000)  # the draft's head over the first 1000 ids
 
 
 def make_draft(loaded, num_layers: int):
@@ -88,6 +89,21 @@ def test_draft_model_greedy_batched_equals_plain(smollm2_loaded, short_draft, ex
     assert 0 < stats["spec_num_accepted_tokens"] < stats["spec_num_draft_tokens"]
     assert llm.engine.spec.proposer.sequences == {}  # the draft's blocks are released
     assert llm.engine.spec.proposer.block_pool.num_free_blocks == llm.engine.spec.proposer.block_pool.num_blocks
+
+
+def test_a_draft_head_over_the_first_ids_changes_no_output(smollm2_loaded, short_draft, expected):
+    """--draft-head-ids: the draft's logits over the first ids only (-inf past them, so q is 0 there
+    and those ids are never proposed); the rest of its logits as the whole head's."""
+    llm = make_llm(smollm2_loaded, speculative=DRAFT_HEAD, draft=short_draft)
+    assert token_ids(llm, PROMPTS) == expected
+    stats = llm.engine.stats()
+    assert 0 < stats["spec_num_accepted_tokens"] < stats["spec_num_draft_tokens"]
+    proposer = llm.engine.spec.proposer
+    hidden = torch.randn(3, short_draft.arch_config.hidden_size)
+    limited, whole = proposer._logits(hidden), short_draft.model.compute_logits(hidden)
+    assert limited.shape == whole.shape
+    assert torch.isneginf(limited[:, DRAFT_HEAD.draft_head_ids:]).all()
+    assert torch.allclose(limited[:, :DRAFT_HEAD.draft_head_ids], whole[:, :DRAFT_HEAD.draft_head_ids], atol=1e-4)
 
 
 def test_model_drafting_for_itself_is_always_accepted(smollm2_loaded, expected):
@@ -188,15 +204,15 @@ def target_samples(plain):
     return sample_tuples(plain)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft"])
+@pytest.mark.parametrize("method", ["ngram", "draft", "draft_head"])
 def test_sampled_tokens_follow_the_target_distribution(smollm2_loaded, short_draft, target_samples, method):
-    config = NGRAM if method == "ngram" else DRAFT
-    llm = make_llm(smollm2_loaded, speculative=config, draft=short_draft if method == "draft" else None)
+    config = {"ngram": NGRAM, "draft": DRAFT, "draft_head": DRAFT_HEAD}[method]
+    llm = make_llm(smollm2_loaded, speculative=config, draft=None if method == "ngram" else short_draft)
     samples = sample_tuples(llm)
     stats = llm.engine.stats()
     assert stats["spec_num_drafts"] >= NUM_SAMPLES / 2  # most samples went through verification
     assert 0 < stats["spec_num_accepted_tokens"] < stats["spec_num_draft_tokens"]  # accepts and rejects
-    assert min_p_value(target_samples, samples) > 1e-3 / 6  # six tests: Bonferroni
+    assert min_p_value(target_samples, samples) > 1e-3 / 6  # six views: Bonferroni
 
 
 def test_the_distribution_check_can_fail(smollm2_loaded, short_draft, target_samples):

@@ -24,7 +24,7 @@ _KEY_TYPES: dict[str, tuple[type, ...]] = {
     "kv_cache_memory": (int, str), "kv_cache_dtype": (str,), "block_size": (int,), "no_prefix_caching": (bool,),
     "max_num_seqs": (int,), "max_num_batched_tokens": (int,), "max_num_waiting": (int,), "cache_dir": (str,),
     "speculative_method": (str,), "num_speculative_tokens": (int,), "draft_model": (str,),
-    "draft_quantization": (str,), "speculative_max_num_seqs": (int,),
+    "draft_quantization": (str,), "draft_head_ids": (int,), "speculative_max_num_seqs": (int,),
 }
 _TYPE_NAMES = {int: "an integer", str: "a string", bool: "true or false"}
 _CHOICES = {"log_level": LOG_LEVELS, "load_format": ("auto", "dummy"), "speculative_method": SPECULATIVE_METHODS,

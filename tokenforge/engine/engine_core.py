@@ -192,7 +192,7 @@ def _build_spec_controller(config: EngineConfig, loaded: LoadedModel, draft: Loa
         if draft is None:
             raise ConfigError("speculative method 'draft' needs a draft model (--draft-model)")
         proposer = DraftModelProposer(draft, loaded, kv_caches.shape[1], runner.block_size, kv_caches.dtype,
-                                      runner.device)
+                                      runner.device, spec.draft_head_ids)
         proposer.measure_cost(target_s)
     else:
         raise ConfigError(f"unknown speculative method {spec.method!r} (choose ngram or draft)")

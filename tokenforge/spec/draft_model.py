@@ -6,14 +6,18 @@ then drafts one token per pass. Its K/V of rejected drafts are overwritten next 
 longest prefix of what it computed that matches the request's real tokens stays valid.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from tokenforge.engine.block_pool import Block, BlockPool
 from tokenforge.engine.kv_cache_manager import cdiv
 from tokenforge.errors import ConfigError
+from tokenforge.model.layers.quant_linear import Int8Linear
 from tokenforge.model.loader import LoadedModel
 from tokenforge.spec.proposer import Proposal
 from tokenforge.spec.rejection import draw
@@ -52,11 +56,28 @@ class _DraftSequence:
     num_verified: int = 0  # the first this-many of token_ids were the request's real tokens
 
 
+def limited_head(model: torch.nn.Module, num_ids: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """hidden -> the logits of the first num_ids token ids, from the model's head (its int8 codes or
+    weights shared, nothing copied); None for a head of another kind."""
+    head = model.lm_head
+    if type(head) is Int8Linear:
+        return head.first_outputs(num_ids)
+    if head is not None and not isinstance(head, nn.Linear):
+        return None
+    weight = model.embed_tokens.weight if head is None else head.weight
+    bias = None if head is None or head.bias is None else head.bias[:num_ids]
+    return lambda hidden: F.linear(hidden, weight[:num_ids], bias)
+
+
 class DraftModelProposer:
     def __init__(self, draft: LoadedModel, target: LoadedModel, num_blocks: int, block_size: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, head_ids: int = 0):
+        """head_ids: compute the draft's logits over the first head_ids ids only (0: all); the other
+        ids get probability 0 in q, which rejection sampling allows (the target verifies every token)."""
         check_vocab_match(target, draft)
         self.model = draft.model
+        self.vocab_size = draft.arch_config.vocab_size
+        self.head = limited_head(draft.model, head_ids) if 0 < head_ids < self.vocab_size else None
         self.device = device
         self.block_size = block_size
         arch = draft.arch_config
@@ -71,7 +92,7 @@ class DraftModelProposer:
         """Sets draft_cost to the time of a one-token draft pass (the fastest of a few, after a
         warm-up) over target_one_token_s, the same timing of the target. Run before any request:
         it writes slot 0 of block 0 of the draft's cache."""
-        draft_s = time_forward_pass(self.model, self.kv_caches, self.block_size, self.device)
+        draft_s = time_forward_pass(self.model, self.kv_caches, self.block_size, self.device, logits=self._logits)
         self.draft_cost = draft_s / target_one_token_s
         return self.draft_cost
 
@@ -98,7 +119,7 @@ class DraftModelProposer:
                 active = list(range(len(drafting)))
             batch = build_batch(chunks, self.block_size, self.device)
             hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
-            logits = self.model.compute_logits(hidden[batch.logits_indices]).float()  # [len(active), V]
+            logits = self._logits(hidden[batch.logits_indices]).float()  # [len(active), V]
             self._draw(logits, [drafting[i] for i in active], [drafts[i] for i in active], [probs[i] for i in active])
         proposals = {}
         for request, token_ids, q in zip(drafting, drafts, probs):
@@ -108,6 +129,13 @@ class DraftModelProposer:
             proposals[request.request_id] = Proposal(token_ids, torch.stack(q) if q else None,
                                                      max(0, num_caught_up[request.request_id] - ROUND_CATCH_UP))
         return proposals
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The draft's logits [rows, V]; with a limited head, -inf past its ids (q = 0 there)."""
+        if self.head is None:
+            return self.model.compute_logits(hidden)
+        logits = self.head(hidden)
+        return F.pad(logits, (0, self.vocab_size - logits.shape[-1]), value=float("-inf"))
 
     def _catch_up(self, request: "Request", num_drafts: int) -> SequenceChunk | None:
         """The chunk of tokens the draft has not computed yet; None if its cache is full."""

@@ -12,10 +12,12 @@ from tokenforge.worker.batch import SequenceChunk, build_batch
 
 @torch.inference_mode()
 def time_forward_pass(model: torch.nn.Module, kv_caches: torch.Tensor, block_size: int, device: torch.device,
-                      num_tokens: int = 1, num_repeats: int = 5) -> float:
+                      num_tokens: int = 1, num_repeats: int = 5, logits=None) -> float:
     """Seconds of the fastest of num_repeats passes of num_tokens tokens at positions 0.. with all
     their logits (a decode step, or a verification of num_tokens - 1 drafts), after one warm-up
-    pass. Writes K/V into the first blocks: run it before any request holds them."""
+    pass; logits: hidden -> logits (default model.compute_logits). Writes K/V into the first
+    blocks: run it before any request holds them."""
+    logits = model.compute_logits if logits is None else logits
     block_ids = list(range(cdiv(num_tokens, block_size)))
     batch = build_batch([SequenceChunk([0] * num_tokens, 0, block_ids, num_tokens)], block_size, device)
     best = float("inf")
@@ -24,7 +26,7 @@ def time_forward_pass(model: torch.nn.Module, kv_caches: torch.Tensor, block_siz
             torch.cuda.synchronize(device)
         started = time.perf_counter()
         hidden = model(batch.input_ids, batch.positions, kv_caches, batch.meta)
-        model.compute_logits(hidden[batch.logits_indices]).float().cpu()
+        logits(hidden[batch.logits_indices]).float().cpu()
         if repeat:
             best = min(best, time.perf_counter() - started)
     return best

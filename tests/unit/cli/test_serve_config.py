@@ -61,10 +61,11 @@ def test_file_without_models_uses_the_flags(tmp_path):
 
 def test_quantization_keys(tmp_path):
     text = ('quantization = "w8a8"\n[[models]]\nmodel = "x"\nspeculative_method = "draft"\ndraft_model = "y"\n'
-            'draft_quantization = "int8"\n')
+            'draft_quantization = "int8"\ndraft_head_ids = 65536\n')
     (model,) = make_config(tmp_path, text).models
     assert model.engine.model.quantization == "w8a8"
-    assert (model.engine.speculative.draft_model, model.engine.speculative.draft_quantization) == ("y", "int8")
+    spec = model.engine.speculative
+    assert (spec.draft_model, spec.draft_quantization, spec.draft_head_ids) == ("y", "int8", 65536)
 
 
 def test_kv_cache_dtype_key_and_flag(tmp_path):
@@ -93,6 +94,7 @@ def test_duplicate_served_names(tmp_path):
     ('port = [1\n', "not valid TOML"),
     ('quantization = "int3"\n', "quantization must be one of auto, none, int8, w8a8, int4"),
     ('draft_quantization = 8\n', "draft_quantization must be a string"),
+    ('draft_head_ids = -1\n', "draft_head_ids must be a whole number >= 0"),
     ('kv_cache_dtype = "int8"\n', "kv_cache_dtype must be one of auto, float32, float16, bfloat16"),
 ])
 def test_bad_files(tmp_path, text, message):

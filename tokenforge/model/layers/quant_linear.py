@@ -109,6 +109,21 @@ class Int8Linear(nn.Module):
             out = out + self.bias
         return out
 
+    def first_outputs(self, num_outputs: int) -> "Int8Linear":
+        """A layer of this one's first num_outputs outputs, sharing its codes and scales (a draft's
+        head limited to the most frequent ids). int8 layers only (Int4Linear stores groups)."""
+        if type(self) is not Int8Linear:
+            raise TypeError(f"first_outputs needs an Int8Linear, not {type(self).__name__}")
+        part = Int8Linear.__new__(Int8Linear)
+        nn.Module.__init__(part)
+        part.out_features, part.in_features = num_outputs, self.in_features
+        part.activation_digits = self.activation_digits
+        part.register_buffer("weight", self.weight[:num_outputs])
+        part.register_buffer("scales", self.scales[:, :num_outputs])
+        part.bias = None if self.bias is None else nn.Parameter(self.bias[:num_outputs], requires_grad=False)
+        part.kernels, part._row_args = self.kernels, None
+        return part
+
     def row_sums(self) -> torch.Tensor:
         """sum(codes) per output [out] (int32), for the two-byte _int_mm path; made on first use."""
         cached = getattr(self, "_row_sums", None)
