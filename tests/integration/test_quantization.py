@@ -1,8 +1,9 @@
 """Quantized SmolLM2 on the fixed text (tokenforge/bench/perplexity.txt): int8 keeps the perplexity
 within 1% of fp32 (issue 5's bar), w8a8 within 6% (it also rounds activations to 8 bits, which makes
 its figure swing with the last bits of the fp32 ops around it: +3.2% to +4.3% in earlier sessions,
-+5.04% on an Intel Xeon with AVX-512 where the torch-only path gives +4.16%; docs/benchmarks.md); a quantized engine generates through the whole stack; and "auto" picks int8
-for an already quantized GGUF on the CPU only."""
++5.04% on an Intel Xeon with AVX-512 where the torch-only path gives +4.16%; docs/benchmarks.md);
+a quantized engine generates through the whole stack; and "auto" picks int8 for an already
+quantized GGUF on the CPU only."""
 
 
 import pytest

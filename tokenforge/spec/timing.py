@@ -3,6 +3,7 @@ token, each relative to a one-token step of the target, measured on this machine
 starts (kernels differ: one row may run a native kernel, several rows a matmul library)."""
 
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -12,7 +13,8 @@ from tokenforge.worker.batch import SequenceChunk, build_batch
 
 @torch.inference_mode()
 def time_forward_pass(model: torch.nn.Module, kv_caches: torch.Tensor, block_size: int, device: torch.device,
-                      num_tokens: int = 1, num_repeats: int = 5, logits=None) -> float:
+                      num_tokens: int = 1, num_repeats: int = 5,
+                      logits: Callable[[torch.Tensor], torch.Tensor] | None = None) -> float:
     """Seconds of the fastest of num_repeats passes of num_tokens tokens at positions 0.. with all
     their logits (a decode step, or a verification of num_tokens - 1 drafts), after one warm-up
     pass; logits: hidden -> logits (default model.compute_logits). Writes K/V into the first

@@ -61,7 +61,7 @@ class RowCall(NamedTuple):
     args: Int8RowArgs
     address: int  # of args, as the kernel takes it
     weight: torch.Tensor  # the codes args point into: a replaced weight makes a new RowCall
-    kept: tuple  # scales, bias, the digits' work buffer: referenced for as long as args is
+    kept: tuple  # scales, bias, the digits' work buffer, row sums: referenced for as long as args is
 
 
 class Int8Linear(nn.Module):
@@ -154,9 +154,11 @@ class Int8Linear(nn.Module):
         work = torch.empty(2 * self.in_features, dtype=torch.int8)
         bias = None if self.bias is None else self.bias.data_ptr()
         weights = self._weight_pointers()
+        row_sums = self.row_sums() if self.activation_digits == 1 else None  # the AVX-512 tiles' offset
         args = Int8RowArgs(weights[0], self.scales.data_ptr(), bias, work.data_ptr(), self.in_features,
-                           self.out_features, self.activation_digits, torch.get_num_threads(), *weights[1:])
-        self._row_args = RowCall(args, ctypes.addressof(args), self.weight, (self.scales, self.bias, work))
+                           self.out_features, self.activation_digits, torch.get_num_threads(), *weights[1:],
+                           None if row_sums is None else row_sums.data_ptr())
+        self._row_args = RowCall(args, ctypes.addressof(args), self.weight, (self.scales, self.bias, work, row_sums))
 
     def _weight_pointers(self) -> tuple[int | None, int | None, int | None]:
         """What the row kernels read: int8 codes, or 4-bit indices and group multipliers."""

@@ -114,11 +114,11 @@ class Int8Kernels(_Shared):
 
 class Int8RowArgs(ctypes.Structure):
     """A layer's fixed arguments for the row kernels (struct int8_row_args): int8 codes (weight) or
-    4-bit groups (packed, group_scales)."""
+    4-bit groups (packed, group_scales); row_sums for 8-bit activations."""
     _fields_ = [("weight", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("work", ctypes.c_void_p), ("K", ctypes.c_int64), ("N", ctypes.c_int64),
                 ("digits", ctypes.c_int32), ("num_threads", ctypes.c_int32),
-                ("packed", ctypes.c_void_p), ("group_scales", ctypes.c_void_p)]
+                ("packed", ctypes.c_void_p), ("group_scales", ctypes.c_void_p), ("row_sums", ctypes.c_void_p)]
 
 
 _INT8_SIGNATURES = {

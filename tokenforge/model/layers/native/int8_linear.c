@@ -1,4 +1,5 @@
-/* Activation rows times int8 weights on an x86-64 CPU with AVX2, for Int8Linear.
+/* Activation rows times int8 weights on an x86-64 CPU with AVX2, for Int8Linear (where the CPU has
+AVX-512 VNNI, the two row functions below hand over to int8_tiles512.c after quantizing).
 
 Every function computes exactly what Int8Linear's torch path computes, bit for bit: the same
 per-row activation quantization (float ops in the same order, round half to even), an exact integer
@@ -40,7 +41,7 @@ for _int_mm. Same integers, so the same bits again.
 #define BLOCK_OUTPUTS 3  /* more rows: tiles of 3 outputs x 4 rows (12 accumulators of the 16 registers) */
 #define BLOCK_ROWS 4
 
-/* AVX-512 VNNI tiles (int8_tiles512.c) for the 16-bit activations where the compiler is given them. */
+/* AVX-512 VNNI tiles (int8_tiles512.c) for both activation kinds where the compiler is given them. */
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #define HAVE_TILES512 1
 #else
@@ -77,6 +78,7 @@ struct int8_row_args {
     int32_t digits, num_threads;
     const uint8_t *packed;
     const int8_t *group_scales;
+    const int32_t *row_sums;  /* digits 1: the sum of each output's codes [N] (the AVX-512 tiles' offset) */
 };
 
 #if HAVE_TILES512

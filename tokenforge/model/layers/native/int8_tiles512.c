@@ -56,10 +56,8 @@ static inline __attribute__((always_inline)) void tile512(const struct int8_row_
 }
 
 /* Digits 1 (w8a8): the activations as unsigned bytes u = q + 128 (q XOR 0x80) and vpdpbusd (64
-   u8 x s8 products into 16 int32 lanes, no saturation): sum(w q) = sum(w u) - 128 sum(w), sum(w) from
-   the same loop (vpdpbusd of ones and the weights). A lane of a chunk holds at most 128 products of
-   <= 255 * 127. TILE_ROWS_BYTES rows: 20 accumulators, 4 weight sums, 4 weights, x and the ones. */
-#define TILE_ROWS_BYTES 5
+   u8 x s8 products into 16 int32 lanes, no saturation): sum(w q) = sum(w u) - 128 sum(w), with sum(w)
+   the layer's row_sums. A lane of a chunk holds at most 128 products of <= 255 * 127. */
 #define DPBUSD(acc, u, w) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(w))
 
 /* The codes of weights k..k+63 of output row n; past K (K is a multiple of 32) zeros. */
@@ -74,34 +72,27 @@ static inline __attribute__((always_inline)) __m512i load_weights64(const struct
 static inline __attribute__((always_inline)) void tile512_bytes(const struct int8_row_args *a, int64_t n,
                                                                 const uint8_t *u, int R, int q4, __m256i *sums) {
     const int64_t K = a->K;
-    const __m512i ones = _mm512_set1_epi8(1);
     int64_t rows[TILE_OUTPUTS];
     for (int o = 0; o < TILE_OUTPUTS; o++) rows[o] = n + o < a->N ? n + o : a->N - 1;
-    for (int r = 0; r < R; r++) sums[r] = _mm256_setzero_si256();
+    const __m256i offsets = _mm256_slli_epi64(_mm256_setr_epi64x(a->row_sums[rows[0]], a->row_sums[rows[1]],
+                                                                 a->row_sums[rows[2]], a->row_sums[rows[3]]), 7);
+    for (int r = 0; r < R; r++) sums[r] = _mm256_sub_epi64(_mm256_setzero_si256(), offsets);
     for (int64_t k0 = 0; k0 < K; k0 += WIDE_CHUNK) {
         const int64_t k_end = k0 + WIDE_CHUNK < K ? k0 + WIDE_CHUNK : K;
-        __m512i acc[TILE_ROWS_BYTES][TILE_OUTPUTS], weight_sums[TILE_OUTPUTS];
-        for (int o = 0; o < TILE_OUTPUTS; o++) {
-            weight_sums[o] = _mm512_setzero_si512();
-            for (int r = 0; r < R; r++) acc[r][o] = _mm512_setzero_si512();
-        }
+        __m512i acc[TILE_ROWS][TILE_OUTPUTS];
+        for (int r = 0; r < R; r++)
+            for (int o = 0; o < TILE_OUTPUTS; o++) acc[r][o] = _mm512_setzero_si512();
         for (int64_t k = k0; k < k_end; k += 64) {
             const __mmask64 lanes = k + 64 <= K ? ~(__mmask64)0 : (__mmask64)0xffffffff;
             __m512i w[TILE_OUTPUTS];
-            for (int o = 0; o < TILE_OUTPUTS; o++) {
-                w[o] = load_weights64(a, rows[o], k, q4);
-                DPBUSD(weight_sums[o], ones, w[o]);
-            }
+            for (int o = 0; o < TILE_OUTPUTS; o++) w[o] = load_weights64(a, rows[o], k, q4);
             for (int r = 0; r < R; r++) {
                 const __m512i x = _mm512_maskz_loadu_epi8(lanes, u + r * K + k);
                 for (int o = 0; o < TILE_OUTPUTS; o++) DPBUSD(acc[r][o], x, w[o]);
             }
         }
-        const __m256i offsets = _mm256_slli_epi64(lane_sums4(weight_sums[0], weight_sums[1], weight_sums[2],
-                                                             weight_sums[3]), 7);
         for (int r = 0; r < R; r++)
-            sums[r] = _mm256_add_epi64(sums[r], _mm256_sub_epi64(lane_sums4(acc[r][0], acc[r][1], acc[r][2],
-                                                                            acc[r][3]), offsets));
+            sums[r] = _mm256_add_epi64(sums[r], lane_sums4(acc[r][0], acc[r][1], acc[r][2], acc[r][3]));
     }
 }
 
@@ -112,7 +103,7 @@ static void tile512_any(const struct int8_row_args *a, int64_t n, const int8_t *
     #define TILE_BYTES(r) case r: if (a->packed) tile512_bytes(a, n, (const uint8_t *)q, r, 1, sums); \
                                   else tile512_bytes(a, n, (const uint8_t *)q, r, 0, sums); break;
     if (a->digits == 2) switch (R) { TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) }
-    else switch (R) { TILE_BYTES(1) TILE_BYTES(2) TILE_BYTES(3) TILE_BYTES(4) TILE_BYTES(5) }
+    else switch (R) { TILE_BYTES(1) TILE_BYTES(2) TILE_BYTES(3) TILE_BYTES(4) TILE_BYTES(5) TILE_BYTES(6) }
     #undef TILE_BYTES
     #undef TILE
 }
@@ -136,23 +127,22 @@ static inline void rescale4(__m256i sums, float x_scale, const struct int8_row_a
 static void tiles512_linear(float *out, int64_t M, const struct int8_row_args *a, int8_t *q,
                             const float *x_scales) {
     const int64_t K = a->K, N = a->N, row_bytes = a->digits == 2 ? 2 * K : K;
-    const int tile_rows = a->digits == 2 ? TILE_ROWS : TILE_ROWS_BYTES;
     if (a->digits == 1)
-        for (int64_t i = 0; i < M * K; i += 64)
-            _mm512_mask_storeu_epi8(q + i, M * K - i >= 64 ? ~(__mmask64)0 : (__mmask64)0xffffffff,
-                                    _mm512_xor_si512(_mm512_maskz_loadu_epi8(
-                                        M * K - i >= 64 ? ~(__mmask64)0 : (__mmask64)0xffffffff, q + i),
-                                        _mm512_set1_epi8((char)0x80)));
+        for (int64_t i = 0; i < M * K; i += 64) {  /* M * K is a multiple of 32 */
+            const __mmask64 lanes = M * K - i >= 64 ? ~(__mmask64)0 : (__mmask64)0xffffffff;
+            _mm512_mask_storeu_epi8(q + i, lanes, _mm512_xor_si512(_mm512_maskz_loadu_epi8(lanes, q + i),
+                                                                   _mm512_set1_epi8((char)0x80)));
+        }
     const int64_t num_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
-    const int64_t block = ((M + num_blocks - 1) / num_blocks + tile_rows - 1) / tile_rows * tile_rows;
+    const int64_t block = ((M + num_blocks - 1) / num_blocks + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
     #pragma omp parallel num_threads(a->num_threads)
     for (int64_t b0 = 0; b0 < M; b0 += block) {
         const int64_t b_end = M - b0 < block ? M : b0 + block;
         #pragma omp for schedule(static)
         for (int64_t n = 0; n < N; n += TILE_OUTPUTS) {
             const int O = N - n < TILE_OUTPUTS ? (int)(N - n) : TILE_OUTPUTS;
-            for (int64_t r0 = b0; r0 < b_end; r0 += tile_rows) {
-                const int R = b_end - r0 < tile_rows ? (int)(b_end - r0) : tile_rows;
+            for (int64_t r0 = b0; r0 < b_end; r0 += TILE_ROWS) {
+                const int R = b_end - r0 < TILE_ROWS ? (int)(b_end - r0) : TILE_ROWS;
                 __m256i sums[TILE_ROWS];
                 tile512_any(a, n, q + r0 * row_bytes, R, sums);
                 for (int r = 0; r < R; r++) rescale4(sums[r], x_scales[r0 + r], a, n, O, out + (r0 + r) * N + n);
