@@ -1,5 +1,5 @@
-"""Quantization on the CPU: quality and speed of tokenforge's --quantization none / int8 / w8a8 / int4,
-with Hugging Face transformers (fp32, the same GGUF weights) as the peer in the same invocation.
+"""Quantization on the CPU: quality and speed of tokenforge's --quantization none / int8 / w8a8-block /
+w8a8 / int4, with Hugging Face transformers (fp32, the same GGUF weights) as the peer in the same invocation.
 
 For each: perplexity on the fixed text (tokenforge/bench/perplexity.txt, 512-token windows), then
 greedy decode of exactly --max-tokens per request, offline (LLM.generate / model.generate), for
@@ -89,7 +89,7 @@ def transformers_run(args, prompts: list[list[int]], tokenizer) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--quantizations", nargs="+", default=["none", "int8", "w8a8", "int4"])
+    parser.add_argument("--quantizations", nargs="+", default=["none", "int8", "w8a8-block", "w8a8", "int4"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 64])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--kv-cache-memory", type=int, default=1 << 30)

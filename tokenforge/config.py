@@ -52,7 +52,7 @@ class SchedulerConfig:
 
 
 SPECULATIVE_METHODS = ("ngram", "draft")
-QUANTIZATIONS = ("auto", "none", "int8", "w8a8", "int4")
+QUANTIZATIONS = ("auto", "none", "int8", "w8a8", "w8a8-block", "int4")
 CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 

@@ -9,8 +9,10 @@ import torch
 
 from tests.integration.helpers import make_llm
 from tokenforge.config import SpeculativeConfig
+from tokenforge.engine.factory import pick_quantization
 from tokenforge.engine.llm import LLM
 from tokenforge.engine.request import FinishReason
+from tokenforge.model.layers.quant_block import BLOCK_DIGITS
 from tokenforge.model.layers.quant_linear import Int8Linear
 from tokenforge.sampling_params import SamplingParams
 
@@ -232,14 +234,16 @@ def test_seeded_sampling_with_speculation_reproduces(smollm2_int8_loaded):
 
 def test_factory_draft_is_w8a8_with_a_measured_cost_and_changes_no_output(smollm2_path):
     """The served path: the draft loads through the factory with its own quantization (auto: w8a8 on
-    the CPU), its cost is timed at start, and the greedy output is the plain int8 engine's."""
+    the CPU), its cost is timed at start, and the greedy output is the plain engine's."""
     plain = LLM(str(smollm2_path), device="cpu", kv_cache_memory_bytes=64 * 2**20)
     spec = LLM(str(smollm2_path), device="cpu", kv_cache_memory_bytes=64 * 2**20,
                speculative=dataclasses.replace(DRAFT, draft_model=str(smollm2_path)))
     proposer = spec.engine.spec.proposer
     digits = {m.activation_digits for m in proposer.model.modules() if isinstance(m, Int8Linear)}
-    assert digits == {1}  # w8a8 draft, while the target keeps int8's two digits
-    assert {m.activation_digits for m in spec.engine.runner.model.modules() if isinstance(m, Int8Linear)} == {2}
+    assert digits == {1}  # w8a8 draft, while the target keeps auto's layers (w8a8-block, or int8's two digits)
+    auto = pick_quantization("auto", torch.device("cpu"), True)
+    expected = {BLOCK_DIGITS} if auto == "w8a8-block" else {2}
+    assert {m.activation_digits for m in spec.engine.runner.model.modules() if isinstance(m, Int8Linear)} == expected
     assert 0 < proposer.draft_cost < float("inf")  # timed, not the parameter ratio (1.0 for a self-draft)
     assert 0 <= spec.engine.spec.verify_cost < float("inf")  # timed too: (k + 1)-token pass vs 1-token pass
     assert token_ids(spec, PROMPTS) == token_ids(plain, PROMPTS)

@@ -11,7 +11,7 @@ from tokenforge.config import EngineConfig, ModelConfig, SpeculativeConfig, defa
 from tokenforge.engine.engine_core import EngineCore
 from tokenforge.errors import ConfigError, InvalidRequestError
 from tokenforge.model.catalog import shape_config
-from tokenforge.model.layers.native import int8_kernels
+from tokenforge.model.layers.native import FLAGS, compile_flags, int8_kernels
 from tokenforge.model.layers.quantize import linear_quantizer, quantize_model
 from tokenforge.model.loader import LoadedModel, load_model
 from tokenforge.model.pull import resolve_model
@@ -42,15 +42,19 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 def pick_quantization(name: str, device: torch.device, quantized_source: bool) -> str:
-    """auto: int8 on the CPU when the checkpoint is quantized already (its fp32 copy is no more exact
-    than int8, and int8 reads a quarter of the bytes), else none. int8, w8a8 and int4 run on the CPU
-    only; int4 needs the native kernels (its quantizer is one)."""
+    """auto: on the CPU when the checkpoint is quantized already (its fp32 copy is no more exact than
+    8-bit weights, which read a quarter of the bytes), w8a8-block where the native kernels run without
+    the AVX-512 VNNI tiles (8-bit products at about twice the rate of int8's 16-bit ones on AVX2; a
+    quality within 1% of fp32 like int8's, docs/benchmarks.md), int8 elsewhere; none otherwise.
+    int8, w8a8, w8a8-block and int4 run on the CPU only; w8a8-block and int4 need the native kernels."""
     if name == "auto":
-        return "int8" if device.type == "cpu" and quantized_source else "none"
+        if device.type != "cpu" or not quantized_source:
+            return "none"
+        return "w8a8-block" if int8_kernels() is not None and compile_flags() == FLAGS else "int8"
     if name != "none" and device.type != "cpu":
         raise ConfigError(f"--quantization {name} runs on the CPU only (the device is {device})")
-    if name == "int4" and int8_kernels() is None:
-        raise ConfigError("--quantization int4 needs the native kernels (x86-64 with AVX2, F16C and FMA, a C "
+    if name in ("int4", "w8a8-block") and int8_kernels() is None:
+        raise ConfigError(f"--quantization {name} needs the native kernels (x86-64 with AVX2, F16C and FMA, a C "
                           "compiler, TOKENFORGE_NATIVE_KERNELS not 0)")
     return name
 

@@ -92,7 +92,7 @@ def test_duplicate_served_names(tmp_path):
     ('[[models]]\nmodel = "x"\nmax_num_seqs = "64"\n', "max_num_seqs must be an integer"),
     ('[[models]]\nmodel = "x"\nkv_cache_memory = "lots"\n', "kv_cache_memory is not a size"),
     ('port = [1\n', "not valid TOML"),
-    ('quantization = "int3"\n', "quantization must be one of auto, none, int8, w8a8, int4"),
+    ('quantization = "int3"\n', "quantization must be one of auto, none, int8, w8a8, w8a8-block, int4"),
     ('draft_quantization = 8\n', "draft_quantization must be a string"),
     ('draft_head_ids = -1\n', "draft_head_ids must be a whole number >= 0"),
     ('kv_cache_dtype = "int8"\n', "kv_cache_dtype must be one of auto, float32, float16, bfloat16"),

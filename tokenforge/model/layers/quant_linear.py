@@ -22,8 +22,9 @@ row never depends on the batch it ran in (speculative verification runs k + 1 ro
 were 1.5x-30x slower than fp32 MKL on an AVX2 CPU, measured; dequantizing slices to fp32 before an
 fp32 matmul was 2.3x slower than two-digit _int_mm at one row.)
 
-Int4Linear (quant_int4.py) keeps 4-bit weights and takes the same paths; quantize.py chooses the
-layers of a model.
+Int4Linear (quant_int4.py) keeps 4-bit weights and takes the same paths; Int8BlockLinear
+(quant_block.py) rounds activations to int8 per block of 32 inputs and runs its own kernel;
+quantize.py chooses the layers of a model.
 """
 
 import ctypes
@@ -35,6 +36,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from tokenforge.model.layers.block_layout import stored_rows
 from tokenforge.model.layers.native import Int8Kernels, Int8RowArgs, int8_kernels
 
 logger = logging.getLogger(__name__)
@@ -65,10 +67,13 @@ class RowCall(NamedTuple):
 
 
 class Int8Linear(nn.Module):
+    ACTIVATION_KINDS = (1, 2)  # activation_digits this class takes
+    INTERLEAVED = False  # weight holds [out, in] codes (Int8BlockLinear: in its kernel's order)
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, activation_digits: int = 2):
         super().__init__()
-        if activation_digits not in (1, 2):
-            raise ValueError(f"activation_digits must be 1 or 2, not {activation_digits}")
+        if activation_digits not in self.ACTIVATION_KINDS:
+            raise ValueError(f"activation_digits must be one of {self.ACTIVATION_KINDS}, not {activation_digits}")
         self.out_features, self.in_features = weight.shape
         self.activation_digits = activation_digits
         self._store_weights(weight)
@@ -256,8 +261,9 @@ class Int8Embedding(nn.Module):
     quarter of fp32's memory (SmolLM2: 113 -> 28 MB; Qwen2.5-1.5B: 934 -> 233 MB); a lookup
     dequantizes only the rows it reads. The rounding is that of the int8 head's rows."""
 
-    def __init__(self, codes: torch.Tensor, scales: torch.Tensor):
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, interleaved: bool = False):
         super().__init__()
+        self.interleaved = interleaved  # codes in w8a8-block order (a tied w8a8-block head's)
         self.register_buffer("weight", codes)
         self.register_buffer("scales", scales.view(-1, 1))
 
@@ -268,7 +274,8 @@ class Int8Embedding(nn.Module):
     @classmethod
     def sharing(cls, head: Int8Linear) -> "Int8Embedding":
         """The embedding of a tied model, from its quantized head's codes and scales (no copy)."""
-        return cls(head.weight, head.scales)
+        return cls(head.weight, head.scales, interleaved=head.INTERLEAVED)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.weight[input_ids].float() * self.scales[input_ids]
+        codes = stored_rows(self.weight, input_ids) if self.interleaved else self.weight[input_ids]
+        return codes.float() * self.scales[input_ids]

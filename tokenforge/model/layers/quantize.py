@@ -1,4 +1,5 @@
-"""Which quantized layer each part of a model gets, for --quantization int8 | w8a8 | int4 (CPU).
+"""Which quantized layer each part of a model gets, for --quantization int8 | w8a8 | w8a8-block | int4
+(CPU).
 
 quantize_model(model, method) replaces every nn.Linear of a loaded model in place, and its token
 embedding with int8 rows (Int8Embedding); a model whose output head is tied to its embedding gets a
@@ -7,7 +8,8 @@ gives the same choice for one layer, for the loader, which quantizes layers as t
 
 int4 keeps the output head in int8 (two activation digits), as llama.cpp's Q4_0 files keep theirs
 in 8 or 6 bits: SmolLM2's perplexity is +14% with an int8 head against +24% with a 4-bit one.
-Layers whose input width is not a multiple of 32 stay int8 under int4.
+Layers whose input width is not a multiple of 32 stay int8 under int4, and under w8a8-block also
+those whose output width is not a multiple of 8.
 """
 
 from collections.abc import Callable
@@ -16,6 +18,8 @@ import torch
 from torch import nn
 
 from tokenforge.config import QUANTIZATIONS
+from tokenforge.model.layers.block_layout import fits as block_fits
+from tokenforge.model.layers.quant_block import Int8BlockLinear
 from tokenforge.model.layers.quant_int4 import GROUP, Int4Linear
 from tokenforge.model.layers.quant_linear import Int8Embedding, Int8Linear
 
@@ -26,12 +30,16 @@ def w8a8_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
     return Int8Linear(weight, bias, activation_digits=1)
 
 
+def w8a8_block_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
+    return Int8BlockLinear(weight, bias) if block_fits(weight) else Int8Linear(weight, bias)
+
+
 def int4_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Int8Linear:
     return Int4Linear(weight, bias) if weight.shape[1] % GROUP == 0 else Int8Linear(weight, bias)
 
 
-_LAYERS = {"int8": Int8Linear, "w8a8": w8a8_linear, "int4": int4_linear}
-_HEADS = {"int8": Int8Linear, "w8a8": w8a8_linear, "int4": Int8Linear}
+_LAYERS = {"int8": Int8Linear, "w8a8": w8a8_linear, "w8a8-block": w8a8_block_linear, "int4": int4_linear}
+_HEADS = {"int8": Int8Linear, "w8a8": w8a8_linear, "w8a8-block": w8a8_block_linear, "int4": Int8Linear}
 
 
 def _maker(method: str, name: str) -> Callable[[torch.Tensor, torch.Tensor | None], Int8Linear]:

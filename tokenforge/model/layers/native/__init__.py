@@ -2,12 +2,12 @@
 
 `int8_kernels()` gives the kernels of `int8_linear.c` (activation rows times int8 weights, bit
 for bit what Int8Linear's torch path computes; AVX2, and `int8_tiles512.c` where the CPU has
-AVX-512 VNNI), `layer_ops()` those of `layer_ops.c` (a decoder layer's small fp32 operations,
-fused), `decode_layers_kernel()` the decode of all layers in one call (`decode_layers.c`); the
-files build one library. Each is None where it cannot run: not x86-64 or no AVX2/FMA/F16C, no C
-compiler, a failed build, or TOKENFORGE_NATIVE_KERNELS=0. Callers fall back to
-torch then. The library is cached under the model cache (kernels/), keyed by the source and the
-flags, and links libgomp, the OpenMP runtime torch has loaded already: one pool of threads.
+AVX-512 VNNI; `int8_blocks.c` for w8a8-block layers), `layer_ops()` those of `layer_ops.c` (a
+decoder layer's small fp32 operations, fused), `decode_layers_kernel()` the decode of all layers in
+one call (`decode_layers.c`); the files build one library. Each is None where it cannot run: not
+x86-64 or no AVX2/FMA/F16C, no C compiler, a failed build, or TOKENFORGE_NATIVE_KERNELS=0. Callers
+fall back to torch then. The library is cached under the model cache (kernels/), keyed by the source
+and the flags, and links libgomp, the OpenMP runtime torch has loaded already: one pool of threads.
 """
 
 import ctypes
@@ -161,7 +161,7 @@ _LAYER_SIGNATURES = {
 
 
 # one library, in this order
-SOURCES = ("int4_codes.c", "int8_linear.c", "int8_tiles512.c", "layer_ops.c", "decode_layers.c")
+SOURCES = ("int4_codes.c", "int8_linear.c", "int8_blocks.c", "int8_tiles512.c", "layer_ops.c", "decode_layers.c")
 
 
 @functools.cache

@@ -81,6 +81,10 @@ struct int8_row_args {
     const int32_t *row_sums;  /* digits 1: the sum of each output's codes [N] (the AVX-512 tiles' offset) */
 };
 
+#define BLOCK_DIGITS 3  /* a w8a8-block layer (int8_blocks.c): activations in blocks of 32, each with its scale */
+static void blocks_linear(const float *x, float *out, int64_t M, const struct int8_row_args *a,
+                          int8_t *scratch);  /* int8_blocks.c */
+
 #if HAVE_TILES512
 static void tiles512_linear(float *out, int64_t M, const struct int8_row_args *a, int8_t *q,
                             const float *x_scales);  /* int8_tiles512.c */
@@ -276,6 +280,10 @@ static void dot_block_any(const struct int8_row_args *a, int64_t n, const int16_
 
 /* One row: x [K] fp32 -> out [N], output channels split among threads; a->work holds the activations. */
 void int8_row_linear_packed(const float *x, float *out, const struct int8_row_args *a) {
+    if (a->digits == BLOCK_DIGITS) {  /* a->work: 2 K bytes, the block codes and scales need 1.125 K */
+        blocks_linear(x, out, 1, a, a->work);
+        return;
+    }
     float x_scale;
     int8_quantize_rows(x, 1, a->K, a->digits == 2 ? 3 : 1, a->work, &x_scale, 1);
 #if HAVE_TILES512
@@ -296,6 +304,10 @@ void int8_rows_linear(const float *x, float *out, int64_t M, const struct int8_r
                       float *x_scales) {
     const int64_t K = a->K, N = a->N;
     const int64_t row_bytes = a->digits == 2 ? 2 * K : K;
+    if (a->digits == BLOCK_DIGITS) {  /* codes: 2 M K bytes, the block codes and scales need 1.125 M K */
+        blocks_linear(x, out, M, a, codes);
+        return;
+    }
     int8_quantize_rows(x, M, K, a->digits == 2 ? 3 : 1, codes, x_scales, a->num_threads);  /* threads if large */
 #if HAVE_TILES512
     tiles512_linear(out, M, a, codes, x_scales);
