@@ -12,7 +12,7 @@ from tokenforge.model.layers.block_layout import deinterleave, interleave, store
 from tokenforge.model.layers.quant_block import BLOCK, Int8BlockLinear
 from tokenforge.model.layers.quant_linear import Int8Embedding, Int8Linear, quantize_rows
 from tokenforge.model.layers.quantize import quantize_model
-from tests.unit.test_quant_linear import kernels_of, make_weight
+from tests.unit.test_quant_linear import check_native_bits, kernels_of, make_weight, sample_rows
 
 
 def block_rounded(x: torch.Tensor) -> torch.Tensor:
@@ -33,24 +33,9 @@ def test_the_native_kernels_give_the_torch_paths_bits(build, in_features, out_fe
     generator = torch.Generator().manual_seed(2)
     layer = Int8BlockLinear(make_weight(out_features, in_features), torch.randn(out_features) if bias else None)
     layer.kernels = kernels
-    rows = torch.randn(num_rows, in_features, generator=generator) * 50.0
-    rows[0] = torch.zeros(in_features)
-    rows[-1] = make_weight(1, in_features, seed=5)
+    rows = sample_rows(num_rows, in_features, generator)
     rows[-1, :BLOCK] = 0.0  # a block of zeros beside blocks of values
-    if num_rows > 2:
-        rows[1] *= 1e-5
-    with torch.inference_mode():
-        native = layer(rows)
-        reference = layer._forward_torch(rows)
-        assert torch.equal(native, reference)
-        for i in range(num_rows):
-            assert torch.equal(layer(rows[i:i + 1]), native[i:i + 1])
-        call = layer._row_args
-        for count in range(1, min(num_rows, 10) + 1):
-            out = torch.empty(count, out_features)
-            scratch = torch.empty(2 * count * in_features, dtype=torch.int8)
-            layer.kernels.rows_linear(rows.data_ptr(), out.data_ptr(), count, call.address, scratch.data_ptr(), 0)
-            assert torch.equal(out, native[:count])
+    check_native_bits(layer, rows)
 
 
 def test_the_layer_is_the_matmul_of_block_rounded_activations():

@@ -138,20 +138,32 @@ def test_the_native_kernels_give_the_torch_paths_bits(build, digits, in_features
                         activation_digits=digits)
     assert layer.kernels is not None
     layer.kernels = kernels
+    check_native_bits(layer, sample_rows(num_rows, in_features, generator))
+
+
+def sample_rows(num_rows: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
+    """Random rows with a row of zeros, a tiny row and one row of an outlier's scale."""
     rows = torch.randn(num_rows, in_features, generator=generator) * 50.0
     rows[0] = torch.zeros(in_features)
     rows[-1] = make_weight(1, in_features, seed=5)
     if num_rows > 2:
         rows[1] *= 1e-5
+    return rows
+
+
+def check_native_bits(layer: Int8Linear, rows: torch.Tensor) -> None:
+    """The layer's native paths give its torch path's bits: the batch, each row alone, and the rows
+    kernel of the one-call decode from 1 to 10 rows."""
+    num_rows, in_features = rows.shape
     with torch.inference_mode():
         native = layer(rows)
         reference = layer._forward_torch(rows)
         assert torch.equal(native, reference)
         for i in range(num_rows):  # each row alone: the same bits as inside the batch
             assert torch.equal(layer(rows[i:i + 1]), native[i:i + 1])
-        call = layer._row_args  # the rows kernel of the one-call decode, from 1 to 10 rows
+        call = layer._row_args
         for count in range(1, min(num_rows, 10) + 1):
-            out = torch.empty(count, out_features)
+            out = torch.empty(count, layer.out_features)
             codes, x_scales = torch.empty(2 * count * in_features, dtype=torch.int8), torch.empty(count)
             layer.kernels.rows_linear(rows.data_ptr(), out.data_ptr(), count, call.address, codes.data_ptr(),
                                       x_scales.data_ptr())
