@@ -3,6 +3,8 @@ equals a matmul with its dequantized weights to ~15 bits (bias, any leading shap
 int8 ones (w8a8) it equals the matmul of the rounded activations; every native path gives the torch
 path's bits (int8 and 4-bit layers); quantize_model replaces every linear and a tied head."""
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -210,3 +212,26 @@ def test_decode_sizes_keep_the_c_loop_unless_int_mm_wins_by_the_margin(monkeypat
         monkeypatch.setattr(quant_linear, "_int_mm_speedup", lambda num_rows, m=measured: m)
         assert quant_linear.int_mm_is_faster(quant_linear.DECODE_ROWS) is decode
         assert quant_linear.int_mm_is_faster(8 * quant_linear.DECODE_ROWS) is prefill
+
+
+@pytest.mark.parametrize("int_mm_s, c_s, expected_calls", [(0.4, 0.002, 1), (0.002, 0.4, 1), (0.02, 0.02, 19)])
+def test_the_speedup_is_settled_by_one_call_each_where_the_paths_are_far_apart(monkeypatch, int_mm_s, c_s,
+                                                                                expected_calls):
+    """One call of each path 200x apart decides at once (on an AMD EPYC the full rounds of _int_mm took
+    9-12 s, on a server's first request); paths of one speed get the alternated rounds (1 + 3 x 6 calls)."""
+    calls = {True: 0, False: 0}
+
+    def forward(layer, rows, use_int_mm=None):
+        calls[use_int_mm] += 1
+        time.sleep(int_mm_s if use_int_mm else c_s)
+        return rows
+
+    monkeypatch.setattr(Int8Linear, "_forward_native", forward)
+    quant_linear._int_mm_speedup.cache_clear()
+    try:
+        speedup = quant_linear._int_mm_speedup(7)
+    finally:
+        quant_linear._int_mm_speedup.cache_clear()
+    assert calls == {True: expected_calls, False: expected_calls}
+    if expected_calls == 1:
+        assert (speedup > quant_linear.CLEAR_RATIO) == (c_s > int_mm_s)

@@ -38,7 +38,8 @@ class DecodePlan:
         self.kernel = kernel
         self.linears = [linear for layer in model.layers for linear in _linears(layer)]
         layer_bytes = sum(linear.weight.numel() for linear in self.linears) / len(model.layers)
-        if not quant_linear.int_mm_is_faster():  # the Python path would run the same C loop, with Python around it
+        # Where the Python path would run the same C loop, with Python around it (w8a8-block layers always do):
+        if not any(linear.INT_MM_PATH for linear in self.linears) or not quant_linear.int_mm_is_faster():
             self.max_rows = MAX_PLAN_ROWS_C
         else:
             self.max_rows = MAX_PLAN_ROWS if layer_bytes <= MULTI_ROW_MAX_LAYER_BYTES else 1  # tokens per call

@@ -26,6 +26,7 @@ TORCH_SLICE = 4096  # outputs per slice of the torch path's exact float64 sums
 class Int8BlockLinear(Int8Linear):
     ACTIVATION_KINDS = (BLOCK_DIGITS,)
     INTERLEAVED = True
+    INT_MM_PATH = False
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         if not fits(weight):
