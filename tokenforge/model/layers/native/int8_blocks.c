@@ -24,26 +24,6 @@ runs these layers unchanged. scratch: M * K code bytes, then M * K / QBLOCK floa
 #define GROUP_OUT 8
 #define BLOCK_TILE_ROWS 4
 
-/* q [M, K] int8 and x_scales [M, K / QBLOCK]. */
-static void quantize_blocks(const float *x, int64_t M, int64_t K, int8_t *q, float *x_scales, int num_threads) {
-    const int64_t num_blocks = K / QBLOCK;
-    #pragma omp parallel for num_threads(num_threads) schedule(static) if (M * K >= 65536)
-    for (int64_t r = 0; r < M; r++)
-        for (int64_t b = 0; b < num_blocks; b++) {
-            const float *in = x + r * K + b * QBLOCK;
-            const float amax = row_amax(in, QBLOCK);
-            const float x_scale = (amax < 1e-12f ? 1e-12f : amax) / 127.0f;
-            const __m256 scale = _mm256_set1_ps(x_scale);
-            x_scales[r * num_blocks + b] = x_scale;
-            for (int k = 0; k < QBLOCK; k += 16) {  /* |q| <= 127: the packs do not saturate */
-                __m256i v = _mm256_packs_epi32(quantize8(in + k, scale), quantize8(in + k + 8, scale));
-                v = _mm256_permute4x64_epi64(v, 0xd8);
-                _mm_storeu_si128((__m128i *)(q + r * K + b * QBLOCK + k),
-                                 _mm_packs_epi16(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
-            }
-        }
-}
-
 /* The block-scaled sums of group g's 8 outputs with R <= BLOCK_TILE_ROWS rows (row r's codes at q + r * K,
    its scales at x_scales + r * K / QBLOCK) into acc[r]. R is a constant where it is inlined. */
 static inline __attribute__((always_inline)) void block_tile(const struct int8_row_args *a, int64_t g,
@@ -87,7 +67,8 @@ static void block_tile_any(const struct int8_row_args *a, int64_t g, const int8_
 static void blocks_linear(const float *x, float *out, int64_t M, const struct int8_row_args *a, int8_t *scratch) {
     const int64_t K = a->K, N = a->N, num_blocks = K / QBLOCK;
     float *x_scales = (float *)(scratch + M * K);  /* M * K is a multiple of 32: aligned as float */
-    quantize_blocks(x, M, K, scratch, x_scales, a->num_threads);
+    /* each block as a row of its own: the same codes and scales as one scale per block */
+    int8_quantize_rows(x, M * num_blocks, QBLOCK, 1, scratch, x_scales, a->num_threads);
     #pragma omp parallel for num_threads(a->num_threads) schedule(static)
     for (int64_t g = 0; g < N / GROUP_OUT; g++) {
         const __m256 scales = _mm256_loadu_ps(a->scales + g * GROUP_OUT);
