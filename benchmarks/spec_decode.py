@@ -62,6 +62,8 @@ PROMPTS = {
     ],
 }
 KV_CACHE_BYTES = 1 << 30
+# with a draft model, adaptive and forced on (k drafts every step: what the adaptive policy keeps of it)
+DRAFT_METHODS = ("draft", "draft_forced", "hybrid", "hybrid_forced")
 
 
 @dataclass
@@ -117,7 +119,7 @@ def bench_streams(engines: dict[str, EngineCore], prompts: dict[str, list[list[i
                 outputs[name] = ids
                 runs.append(StreamRun(name, category, index, len(ids), ttft_s, decode_s,
                                       (len(ids) - 1) / decode_s, drafted_after - drafted, accepted_after - accepted))
-                print(f"{category} #{index} {name:<6} {len(ids):>4} tokens, decode {runs[-1].decode_tokens_per_s:6.2f}"
+                print(f"{category} #{index} {name:<13} {len(ids):>4} tokens, decode {runs[-1].decode_tokens_per_s:6.2f}"
                       f" tok/s, accepted {accepted_after - accepted}/{drafted_after - drafted}", flush=True)
             mismatches += [(category, index, name) for name in names if outputs[name] != outputs[names[0]]]
     return runs, mismatches
@@ -144,12 +146,12 @@ def summarize(runs: list[StreamRun]) -> dict:
 def bench_batch(loaded, draft, prompts: list[list[int]], max_tokens: int, args) -> dict:
     """All prompts at once: plain, then each method with the switch-off and forced on (no switch-off)."""
     configs = {"plain": SpeculativeConfig()}
-    for method in ("ngram", "draft") if draft is not None else ("ngram",):
+    for method in ("ngram", "draft", "hybrid") if draft is not None else ("ngram",):
         config = SpeculativeConfig(method=method, num_speculative_tokens=args.num_speculative_tokens)
         configs[method] = config
         configs[f"{method}_no_switch_off"] = dataclasses.replace(config, max_num_seqs=len(prompts), adaptive=False)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    engines = {name: make_engine(loaded, config, draft if config.method == "draft" else None)
+    engines = {name: make_engine(loaded, config, draft if config.uses_draft_model else None)
                for name, config in configs.items()}
     seconds: dict[str, list[float]] = {name: [] for name in configs}
     names = list(configs)
@@ -189,6 +191,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-speculative-tokens", type=int, default=4)
     parser.add_argument("--draft-head-ids", type=int, default=0,
                         help="also run the draft with its head over the first N ids (draft_head, draft_head_forced)")
+    parser.add_argument("--methods", default=",".join(DRAFT_METHODS),
+                        help="the draft model's engines to run (plain and ngram always run)")
     parser.add_argument("--batch-size", type=int, default=16, help="high-batch run (0: skip)")
     parser.add_argument("--batch-max-tokens", type=int, default=32)
     parser.add_argument("--batch-rounds", type=int, default=2)
@@ -213,12 +217,14 @@ def main() -> None:
     k = args.num_speculative_tokens
     engines = {"plain": make_engine(loaded, SpeculativeConfig()),
                "ngram": make_engine(loaded, SpeculativeConfig(method="ngram", num_speculative_tokens=k))}
-    if draft is not None:
-        engines["draft"] = make_engine(loaded, SpeculativeConfig(method="draft", num_speculative_tokens=k), draft)
-        # k drafts every step, the policy off: what the adaptive policy keeps of it
-        engines["draft_forced"] = make_engine(
-            loaded, SpeculativeConfig(method="draft", num_speculative_tokens=k, adaptive=False), draft)
-        info["draft_cost"] = engines["draft"].spec.proposer.draft_cost  # measured: draft step / target step
+    for method in DRAFT_METHODS if draft is not None else ():
+        config = SpeculativeConfig(method=method.removesuffix("_forced"), num_speculative_tokens=k,
+                                   adaptive=not method.endswith("_forced"))  # forced: k drafts every step
+        if method in args.methods.split(","):
+            engines[method] = make_engine(loaded, config, draft)
+    drafting = [engine for name, engine in engines.items() if name in DRAFT_METHODS]
+    if drafting:
+        info["draft_cost"] = drafting[0].spec.proposer.draft_cost  # measured: draft step / target step
         if args.draft_head_ids:  # the same draft with its head over the first ids only, adaptive and forced on
             limited = SpeculativeConfig(method="draft", num_speculative_tokens=k, draft_head_ids=args.draft_head_ids)
             engines["draft_head"] = make_engine(loaded, limited, draft)
@@ -237,7 +243,7 @@ def main() -> None:
     for category, rows in info["single_stream"]["summary"].items():
         for method, row in rows.items():
             rate = "-" if row["acceptance_rate"] is None else f"{row['acceptance_rate']:.2f}"
-            print(f"{category:<5} {method:<6} decode {row['decode_tokens_per_s']:6.2f} tok/s  "
+            print(f"{category:<5} {method:<13} decode {row['decode_tokens_per_s']:6.2f} tok/s  "
                   f"{row['speedup']:.2f}x  acceptance {rate}")
     print(f"outputs identical to plain: {not mismatches} {mismatches or ''}")
     if args.batch_size:

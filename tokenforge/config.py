@@ -51,14 +51,16 @@ class SchedulerConfig:
     max_num_waiting: int = 1024  # queue bound; past it add_request raises QueueFullError
 
 
-SPECULATIVE_METHODS = ("ngram", "draft")
+SPECULATIVE_METHODS = ("ngram", "draft", "hybrid")
 QUANTIZATIONS = ("auto", "none", "int8", "w8a8", "w8a8-block", "int4")
 CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
 class SpeculativeConfig:
-    method: str | None = None  # None: off | "ngram" (prompt lookup) | "draft" (a draft model)
+    # None: off | "ngram" (prompt lookup) | "draft" (a draft model) | "hybrid" (the lookup where it
+    # finds a match of at least hybrid_min_match tokens, else the draft model)
+    method: str | None = None
     num_speculative_tokens: int = 4  # most tokens drafted per request and step (k)
     draft_model: str | None = None  # with method "draft": catalog name, file or directory
     # The draft's linear layers (QUANTIZATIONS). "auto": w8a8 on the CPU, where a one-token step runs
@@ -70,6 +72,9 @@ class SpeculativeConfig:
     draft_head_ids: int = 0
     ngram_min: int = 1  # shortest suffix n-gram looked up
     ngram_max: int = 4  # longest suffix n-gram looked up (tried first)
+    # With method "hybrid": the shortest match the lookup's draft is preferred to the model's for
+    # (shorter matches recur by chance in prose and code; a copied passage repeats long ones).
+    hybrid_min_match: int = 3
     # Above this many running requests a step is compute-bound: speculation switches off.
     max_num_seqs: int = 4
     # Pick k per request from its acceptance rate (and switch off when drafting loses).
@@ -78,6 +83,10 @@ class SpeculativeConfig:
     @property
     def enabled(self) -> bool:
         return self.method is not None and self.num_speculative_tokens > 0
+
+    @property
+    def uses_draft_model(self) -> bool:
+        return self.method in ("draft", "hybrid")
 
 
 @dataclass(frozen=True)

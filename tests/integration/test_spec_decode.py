@@ -29,6 +29,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 NGRAM = SpeculativeConfig(method="ngram", num_speculative_tokens=4, adaptive=False, max_num_seqs=1024)
 DRAFT = dataclasses.replace(NGRAM, method="draft", num_speculative_tokens=3)
 DRAFT_HEAD = dataclasses.replace(DRAFT, draft_head_ids=1000)  # the draft's head over the first 1000 ids
+HYBRID = dataclasses.replace(DRAFT, method="hybrid")
 
 
 def make_draft(loaded, num_layers: int):
@@ -108,6 +109,53 @@ def test_a_draft_head_over_the_first_ids_changes_no_output(smollm2_loaded, short
     assert torch.allclose(limited[:, :DRAFT_HEAD.draft_head_ids], whole[:, :DRAFT_HEAD.draft_head_ids], atol=1e-4)
 
 
+def test_hybrid_uses_both_proposers_and_changes_no_output(smollm2_loaded, short_draft, expected):
+    """The lookup serves the prompts that repeat themselves ("Count: ...", "The cat sat ..."), the
+    draft model the rest; batched or alone, the output is the plain engine's."""
+    llm = make_llm(smollm2_loaded, speculative=HYBRID, draft=short_draft)
+    assert token_ids(llm, PROMPTS) == expected
+    assert token_ids(llm, PROMPTS[1:2]) == expected[1:2]
+    proposer = llm.engine.spec.proposer
+    assert proposer.num_lookup_proposals > 0 and proposer.num_draft_proposals > 0
+    assert proposer.lookup_since == {} and proposer.draft.sequences == {}  # released
+
+
+def test_hybrid_times_the_draft_catching_up_on_lookup_rounds(smollm2_loaded, expected):
+    """After lookup rounds the draft catches up on their tokens: a cost of its round, which the
+    switch-off times (num_extra_tokens 0), unlike its first pass over the prompt."""
+    model, _, _ = smollm2_loaded
+    llm = make_llm(smollm2_loaded, speculative=HYBRID, draft=model)
+    proposer = llm.engine.spec.proposer
+    made, propose = {}, proposer.draft.propose
+
+    def recording_propose(requests, num_tokens):  # the draft's proposals, and what they said then
+        proposals = propose(requests, num_tokens)
+        for request_id, proposal in proposals.items():
+            made.setdefault(request_id, []).append((proposal, proposal.num_extra_tokens))
+        return proposals
+
+    proposer.draft.propose = recording_propose
+    assert token_ids(llm, PROMPTS) == expected
+    assert proposer.num_lookup_proposals > 0
+    later = [(raw, proposal.num_extra_tokens) for rounds in made.values() for proposal, raw in rounds[1:]]
+    assert all(proposal.num_extra_tokens > 0 for (proposal, _), *_ in made.values())  # the prompt: a restart
+    assert max(raw for raw, _ in later) > 0  # the draft caught up on lookup rounds' tokens at least once ...
+    assert all(reported == 0 for _, reported in later)  # ... reported as a round's cost
+
+
+def record_extra_tokens(proposer) -> list[int]:
+    """Wraps proposer.propose; the returned list fills with each proposal's num_extra_tokens."""
+    extra, propose = [], proposer.propose
+
+    def recording_propose(requests, num_tokens):
+        proposals = propose(requests, num_tokens)
+        extra.extend(proposal.num_extra_tokens for proposal in proposals.values())
+        return proposals
+
+    proposer.propose = recording_propose
+    return extra
+
+
 def test_model_drafting_for_itself_is_always_accepted(smollm2_loaded, expected):
     """The draft's own KV cache bookkeeping (catch-up after accepts, overwrite after rejects) is
     right only if a draft identical to the target agrees with it at every position."""
@@ -123,15 +171,7 @@ def test_a_draft_catching_up_beyond_a_round_says_so(smollm2_loaded):
     the rounds after it, every draft accepted, catch up on two tokens: none extra."""
     model, _, _ = smollm2_loaded
     llm = make_llm(smollm2_loaded, speculative=DRAFT, draft=model)
-    proposer = llm.engine.spec.proposer
-    extra, propose = [], proposer.propose
-
-    def recording_propose(requests, num_tokens):
-        proposals = propose(requests, num_tokens)
-        extra.extend(proposal.num_extra_tokens for proposal in proposals.values())
-        return proposals
-
-    proposer.propose = recording_propose
+    extra = record_extra_tokens(llm.engine.spec.proposer)
     prompt_ids = llm.engine.tokenizer.encode(PROMPTS[0])
     token_ids(llm, PROMPTS[:1])
     assert extra[0] == len(prompt_ids) + 1 - 2  # the prompt and the first token, less a round's two
@@ -206,9 +246,9 @@ def target_samples(plain):
     return sample_tuples(plain)
 
 
-@pytest.mark.parametrize("method", ["ngram", "draft", "draft_head"])
+@pytest.mark.parametrize("method", ["ngram", "draft", "draft_head", "hybrid"])
 def test_sampled_tokens_follow_the_target_distribution(smollm2_loaded, short_draft, target_samples, method):
-    config = {"ngram": NGRAM, "draft": DRAFT, "draft_head": DRAFT_HEAD}[method]
+    config = {"ngram": NGRAM, "draft": DRAFT, "draft_head": DRAFT_HEAD, "hybrid": HYBRID}[method]
     llm = make_llm(smollm2_loaded, speculative=config, draft=None if method == "ngram" else short_draft)
     samples = sample_tuples(llm)
     stats = llm.engine.stats()

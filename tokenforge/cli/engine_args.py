@@ -65,7 +65,8 @@ def add_engine_args(parser: argparse.ArgumentParser, *, repeat_model: bool = Fal
     spec = parser.add_argument_group("speculative decoding (exact: never changes what the model would produce)")
     spec.add_argument("--speculative-method", default=None, choices=SPECULATIVE_METHODS,
                       help="ngram: continue n-grams seen in the prompt and output; draft: a smaller model "
-                           "with the same tokenizer (--draft-model). Default: off")
+                           "with the same tokenizer (--draft-model); hybrid: the n-gram lookup where it finds a "
+                           "match of 3+ tokens, else the draft model. Default: off")
     spec.add_argument("--num-speculative-tokens", type=int, default=SpeculativeConfig.num_speculative_tokens,
                       help="most tokens drafted per request and step (adapted to the acceptance rate)")
     spec.add_argument("--draft-model", default=None, help="the draft model: catalog name, .gguf file or directory")
@@ -111,10 +112,11 @@ def speculative_config_from_options(options: dict) -> SpeculativeConfig:
     num_tokens = options.get("num_speculative_tokens", SpeculativeConfig.num_speculative_tokens)
     if method is not None and method not in SPECULATIVE_METHODS:
         raise ConfigError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, got {method!r}")
-    if method == "draft" and draft_model is None:
-        raise ConfigError("--speculative-method draft needs --draft-model")
-    if draft_model is not None and method != "draft":
-        raise ConfigError("--draft-model is only used with --speculative-method draft")
+    uses_draft_model = method in ("draft", "hybrid")
+    if uses_draft_model and draft_model is None:
+        raise ConfigError(f"--speculative-method {method} needs --draft-model")
+    if draft_model is not None and not uses_draft_model:
+        raise ConfigError("--draft-model is only used with --speculative-method draft or hybrid")
     if not 0 <= num_tokens <= MAX_SPECULATIVE_TOKENS:
         raise ConfigError(f"num_speculative_tokens must be in [0, {MAX_SPECULATIVE_TOKENS}], got {num_tokens}")
     draft_quantization = options.get("draft_quantization", SpeculativeConfig.draft_quantization)

@@ -19,6 +19,7 @@ from tokenforge.model.loader import LoadedModel
 from tokenforge.sampling_params import SamplingParams
 from tokenforge.spec.controller import SpecController
 from tokenforge.spec.draft_model import DraftModelProposer
+from tokenforge.spec.hybrid import HybridProposer
 from tokenforge.spec.ngram import NgramProposer
 from tokenforge.spec.timing import measure_verify_cost, time_forward_pass
 from tokenforge.worker.memory import num_kv_blocks, pick_cache_dtype
@@ -188,14 +189,16 @@ def _build_spec_controller(config: EngineConfig, loaded: LoadedModel, draft: Loa
     target_s = time_forward_pass(loaded.model, kv_caches, runner.block_size, runner.device)
     if spec.method == "ngram":
         proposer = NgramProposer(spec.ngram_min, spec.ngram_max)
-    elif spec.method == "draft":
+    elif spec.uses_draft_model:
         if draft is None:
-            raise ConfigError("speculative method 'draft' needs a draft model (--draft-model)")
+            raise ConfigError(f"speculative method {spec.method!r} needs a draft model (--draft-model)")
         proposer = DraftModelProposer(draft, loaded, kv_caches.shape[1], runner.block_size, kv_caches.dtype,
                                       runner.device, spec.draft_head_ids)
         proposer.measure_cost(target_s)
+        if spec.method == "hybrid":
+            proposer = HybridProposer(proposer, spec.hybrid_min_match, spec.ngram_max)
     else:
-        raise ConfigError(f"unknown speculative method {spec.method!r} (choose ngram or draft)")
+        raise ConfigError(f"unknown speculative method {spec.method!r} (choose ngram, draft or hybrid)")
     verify_cost = measure_verify_cost(loaded.model, kv_caches, runner.block_size, runner.device,
                                       spec.num_speculative_tokens, target_s)
     logger.info("speculative decoding (%s), measured in target steps: a draft step %.2f, one more verified "

@@ -103,8 +103,8 @@ def load(mc: ModelConfig) -> tuple[LoadedModel, torch.dtype, torch.device]:
 def build_engine_core(config: EngineConfig) -> EngineCore:
     loaded, dtype, device = load(config.model)
     draft = None
-    if config.speculative.enabled and config.speculative.method == "draft":
+    if config.speculative.enabled and config.speculative.uses_draft_model:
         if config.speculative.draft_model is None:
-            raise ConfigError("speculative method 'draft' needs a draft model (--draft-model)")
+            raise ConfigError(f"speculative method {config.speculative.method!r} needs a draft model (--draft-model)")
         draft = load_draft(config.model, config.speculative)
     return EngineCore(config, loaded, dtype, device, draft=draft)

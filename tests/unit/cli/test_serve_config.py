@@ -96,6 +96,8 @@ def test_duplicate_served_names(tmp_path):
     ('draft_quantization = 8\n', "draft_quantization must be a string"),
     ('draft_head_ids = -1\n', "draft_head_ids must be a whole number >= 0"),
     ('kv_cache_dtype = "int8"\n', "kv_cache_dtype must be one of auto, float32, float16, bfloat16"),
+    ('[[models]]\nmodel = "x"\nspeculative_method = "hybrid"\n', "speculative-method hybrid needs --draft-model"),
+    ('[[models]]\nmodel = "x"\nspeculative_method = "ngram"\ndraft_model = "y"\n', "only used with"),
 ])
 def test_bad_files(tmp_path, text, message):
     with pytest.raises(ConfigError, match=message):
