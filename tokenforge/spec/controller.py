@@ -12,7 +12,9 @@ rows, sampling, the engine's Python), so the engine also reports each step's wal
 request's first PLAIN_STEPS decode steps run plain to time them, and once it has drafted for
 MIN_TIMED_ROUNDS rounds, drafting whose measured seconds per token exceed plain decoding's is
 switched off like a low acceptance, whatever the model says; each probe's round joins the drafting
-estimate (one round, not MIN_TIMED_ROUNDS more: exploring costs a round per probe). A round that
+estimate (one round, not MIN_TIMED_ROUNDS more: exploring costs a round per probe), or replaces it when
+the probe beat plain decoding (the text changed; merged, a probe could not outweigh the stale rounds:
+a from-scratch code prompt, its first drafts rejected, then drafted 21 of 128 tokens). A round that
 starts with the draft catching up on more than a round's tokens (the prompt, or what was decoded
 while drafting was off: Proposal.num_extra_tokens) is not timed, the round after it is (a probe
 that restarts the draft lasts two rounds): that cost is paid once per (re)start, and timing it as a
@@ -140,6 +142,7 @@ class SpecController:
         self.probe_intervals: dict[str, int] = {}  # request_id -> steps between its probes now
         self.restarting: set[str] = set()  # requests whose drafting this step began with a catch-up
         self.follow_ups: set[str] = set()  # requests whose last round was a restart, not timed
+        self.probing: set[str] = set()  # requests whose drafting this step is a probe (or its timed follow-up)
 
     def propose(self, running: list["Request"]) -> None:
         """Sets spec_token_ids (and spec_draft_probs) of the running requests for the next step."""
@@ -152,7 +155,7 @@ class SpecController:
         for request_id in [i for i in self.step_times if i not in live]:
             del self.step_times[request_id]
         self.follow_ups &= live
-        self.restarting = set()
+        self.restarting, self.probing = set(), set()
         if len(running) > self.config.max_num_seqs:
             return
         wanted = {}
@@ -194,6 +197,7 @@ class SpecController:
             self.probe_intervals.pop(request.request_id, None)  # drafting pays: probe soon if it stops
             return best
         if follow_up:
+            self.probing.add(request.request_id)
             return 1  # a probe that restarted the draft was not timed: its next round is
         idle = self.num_idle_steps.get(request.request_id, 0) + 1
         interval = self.probe_intervals.get(request.request_id, PROBE_INTERVAL)
@@ -206,7 +210,8 @@ class SpecController:
         self.num_idle_steps[request.request_id] = 0
         self.probe_intervals[request.request_id] = min(2 * interval, MAX_PROBE_INTERVAL)
         self.acceptance[request.request_id] = (acceptance + PRIOR_ACCEPTANCE) / 2
-        return 1  # timed too: its round joins the drafting estimate, which it can turn back
+        self.probing.add(request.request_id)
+        return 1  # timed too: its round joins the drafting estimate, or replaces it if faster than plain
 
     def record(self, scheduled: "SchedulerOutput", sampled: dict[str, list["SampledToken"]],
                step_s: float | None = None) -> None:
@@ -239,6 +244,11 @@ class SpecController:
             if drafts and request_id in self.restarting:
                 self.follow_ups.add(request_id)
                 continue  # the draft caught up on a prompt or a pause: paid once, not per round
+            plain_s = times.plain.per_token
+            if drafts and request_id in self.probing and plain_s is not None and step_s < plain_s * len(tokens):
+                # A probe that beats plain decoding: the text changed, drafting's record from before is
+                # stale (merged with it, one good probe could not outweigh the rounds that switched it off).
+                times.spec = Rate(count=times.spec.count)
             times.add(bool(drafts), step_s, len(tokens))
 
     def stats_dict(self) -> dict[str, float]:

@@ -232,6 +232,20 @@ def test_a_probe_that_runs_faster_turns_timed_drafting_back_on():
     assert asked[-1] == 4  # the text became predictable: drafting is on again
 
 
+def test_a_probe_that_beats_plain_replaces_the_stale_record():
+    """Drafting lost by a wide margin (0.15 s a token against 0.1 plain); the text then turns
+    predictable (0.07 s a token): merged into the old record one probe would still lose and the next
+    probe come 32 steps later; it replaces the record, and drafting goes on at once."""
+    proposer = FixedProposer()
+    controller = timed_controller(proposer)
+    request = make_decoding_request("r")
+    run_timed_steps(controller, proposer, request, PLAIN_STEPS + MIN_TIMED_ROUNDS, plain_s=0.1, spec_s_per_token=0.15)
+    assert controller.step_times["r"].drafting_loses
+    asked = run_timed_steps(controller, proposer, request, PROBE_INTERVAL + 3, plain_s=0.1, spec_s_per_token=0.07)
+    assert asked[PROBE_INTERVAL - 1] == 1 and all(k > 0 for k in asked[PROBE_INTERVAL:])
+    assert abs(controller.step_times["r"].spec.per_token - 0.07) < 1e-12
+
+
 
 def test_a_draft_catching_up_on_the_prompt_is_not_timed_as_a_round():
     """The first drafting round also runs the draft over the prompt (here 10 plain steps' time):
