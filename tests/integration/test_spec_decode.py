@@ -11,7 +11,7 @@ from tests.integration.helpers import make_llm
 from tokenforge.config import SpeculativeConfig
 from tokenforge.engine.factory import pick_quantization
 from tokenforge.engine.llm import LLM
-from tokenforge.engine.request import FinishReason
+from tokenforge.engine.request import FinishReason, Request
 from tokenforge.model.layers.quant_block import BLOCK_DIGITS
 from tokenforge.model.layers.quant_linear import Int8Linear
 from tokenforge.sampling_params import SamplingParams
@@ -122,7 +122,7 @@ def test_hybrid_uses_both_proposers_and_changes_no_output(smollm2_loaded, short_
 
 def test_hybrid_times_the_draft_catching_up_on_lookup_rounds(smollm2_loaded, expected):
     """After lookup rounds the draft catches up on their tokens: a cost of its round, which the
-    switch-off times (num_extra_tokens 0), unlike its first pass over the prompt."""
+    switch-off times (num_extra_tokens 0)."""
     model, _, _ = smollm2_loaded
     llm = make_llm(smollm2_loaded, speculative=HYBRID, draft=model)
     proposer = llm.engine.spec.proposer
@@ -137,10 +137,9 @@ def test_hybrid_times_the_draft_catching_up_on_lookup_rounds(smollm2_loaded, exp
     proposer.draft.propose = recording_propose
     assert token_ids(llm, PROMPTS) == expected
     assert proposer.num_lookup_proposals > 0
-    later = [(raw, proposal.num_extra_tokens) for rounds in made.values() for proposal, raw in rounds[1:]]
-    assert all(proposal.num_extra_tokens > 0 for (proposal, _), *_ in made.values())  # the prompt: a restart
-    assert max(raw for raw, _ in later) > 0  # the draft caught up on lookup rounds' tokens at least once ...
-    assert all(reported == 0 for _, reported in later)  # ... reported as a round's cost
+    rounds = [(raw, proposal.num_extra_tokens) for made_for_one in made.values() for proposal, raw in made_for_one]
+    assert max(raw for raw, _ in rounds) > 0  # the draft caught up on lookup rounds' tokens at least once ...
+    assert all(reported == 0 for _, reported in rounds)  # ... reported as a round's cost (its prompt: at prefill)
 
 
 def record_extra_tokens(proposer) -> list[int]:
@@ -166,16 +165,24 @@ def test_model_drafting_for_itself_is_always_accepted(smollm2_loaded, expected):
     assert stats["spec_acceptance_rate"] > 0.95, stats
 
 
-def test_a_draft_catching_up_beyond_a_round_says_so(smollm2_loaded):
-    """The draft's first pass over a prompt counts as extra tokens (the switch-off does not time it);
-    the rounds after it, every draft accepted, catch up on two tokens: none extra."""
+def test_the_draft_runs_over_the_prompt_at_prefill_and_rounds_catch_up_on_a_round(smollm2_loaded):
+    """The draft's pass over the prompt runs at the prefill step (prepare); every drafting round
+    after it catches up on at most a round's two tokens: none extra. A request the draft never saw
+    says, at its first round, that it caught up on more (the switch-off does not time that round)."""
     model, _, _ = smollm2_loaded
     llm = make_llm(smollm2_loaded, speculative=DRAFT, draft=model)
-    extra = record_extra_tokens(llm.engine.spec.proposer)
+    proposer = llm.engine.spec.proposer
+    prepared, prepare = [], proposer.prepare
+    proposer.prepare = lambda requests: (prepared.extend(r.num_tokens for r in requests), prepare(requests))[-1]
+    extra = record_extra_tokens(proposer)
     prompt_ids = llm.engine.tokenizer.encode(PROMPTS[0])
     token_ids(llm, PROMPTS[:1])
-    assert extra[0] == len(prompt_ids) + 1 - 2  # the prompt and the first token, less a round's two
-    assert len(extra) > 3 and all(count == 0 for count in extra[1:])
+    assert prepared == [len(prompt_ids) + 1]  # at the step that sampled the first token
+    assert len(extra) > 3 and all(count == 0 for count in extra)
+    late = Request("late", prompt_ids, GREEDY)
+    late.output_token_ids, late.num_computed_tokens = [5], len(prompt_ids)
+    (proposal,) = proposer.propose([late], {"late": 2}).values()
+    assert proposal.num_extra_tokens == len(prompt_ids) + 1 - 2  # the prompt and the first token, less a round's two
 
 
 def test_stop_string_inside_accepted_drafts_cuts_the_output_as_without(smollm2_loaded, plain, expected):

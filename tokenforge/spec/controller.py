@@ -158,6 +158,10 @@ class SpecController:
         self.restarting, self.probing = set(), set()
         if len(running) > self.config.max_num_seqs:
             return
+        prefilled = [r for r in running if r.num_output_tokens == 1 and r.num_computed_tokens == r.num_tokens - 1
+                     and can_speculate(r)]
+        if prefilled:
+            self.proposer.prepare(prefilled)
         wanted = {}
         for request in running:
             num_drafts = self._num_drafts(request)

@@ -1,8 +1,9 @@
 """Draft-model proposer: a smaller model with the same vocabulary drafts k tokens per request.
 
-The draft keeps its own paged KV cache. Each step it first catches up on the tokens it has not
-seen (the prompt, the tokens accepted last step, the target's own token) in one batched pass,
-then drafts one token per pass. Its K/V of rejected drafts are overwritten next time: the
+The draft keeps its own paged KV cache. It runs over a request's prompt at the step that prefilled
+it (prepare). Each drafting step it first catches up on the tokens it has not seen (the tokens
+accepted last step, the target's own token, any decoded while drafting was off) in one batched
+pass, then drafts one token per pass. Its K/V of rejected drafts are overwritten next time: the
 longest prefix of what it computed that matches the request's real tokens stays valid.
 """
 
@@ -129,6 +130,25 @@ class DraftModelProposer:
             proposals[request.request_id] = Proposal(token_ids, torch.stack(q) if q else None,
                                                      max(0, num_caught_up[request.request_id] - ROUND_CATCH_UP))
         return proposals
+
+    @torch.inference_mode()
+    def prepare(self, requests: list["Request"]) -> None:
+        """Runs the draft over each request's prompt in one batched pass (all its tokens but the last,
+        whose logits the first drafting round needs), at the step that prefilled it: the draft's
+        prompt pass joins the target's in the time to the first token, as in vLLM and llama.cpp,
+        instead of stalling the stream at its first drafting round."""
+        chunks = []
+        for request in requests:
+            chunk = self._catch_up(request, 1)
+            if chunk is None or len(chunk.token_ids) < 2:
+                continue
+            chunks.append(SequenceChunk(chunk.token_ids[:-1], chunk.start, chunk.block_ids, 0))
+            sequence = self.sequences[request.request_id]
+            sequence.token_ids = request.all_token_ids[:-1]
+            sequence.num_verified = len(sequence.token_ids)
+        if chunks:
+            batch = build_batch(chunks, self.block_size, self.device)
+            self.model(batch.input_ids, batch.positions, self.kv_caches, batch.meta)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The draft's logits [rows, V]; with a limited head, -inf past its ids (q = 0 there)."""

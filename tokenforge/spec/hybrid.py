@@ -50,6 +50,9 @@ class HybridProposer:
         self.num_draft_proposals += len(drafted)
         return proposals | drafted
 
+    def prepare(self, requests: list["Request"]) -> None:
+        self.draft.prepare(requests)
+
     def release(self, live_request_ids: set[str]) -> None:
         self.draft.release(live_request_ids)
         for request_id in [i for i in self.lookup_since if i not in live_request_ids]:

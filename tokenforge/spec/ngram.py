@@ -62,5 +62,8 @@ class NgramProposer:
                 proposals[request.request_id] = Proposal(token_ids)
         return proposals
 
+    def prepare(self, requests: list["Request"]) -> None:
+        pass  # nothing to compute ahead
+
     def release(self, live_request_ids: set[str]) -> None:
         pass  # stateless

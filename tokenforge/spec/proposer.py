@@ -31,6 +31,11 @@ class Proposer(Protocol):
         output); requests may be left out of the result (nothing to propose)."""
         ...
 
+    def prepare(self, requests: list["Request"]) -> None:
+        """Called once per request, at the step that computed its prompt: any per-request work
+        worth doing before its first drafting round (a draft model's pass over the prompt)."""
+        ...
+
     def release(self, live_request_ids: set[str]) -> None:
         """Drops any per-request state of requests not in live_request_ids."""
         ...

@@ -16,6 +16,10 @@ class FixedProposer:
         self.draft_cost = draft_cost
         self.asked: dict[str, int] = {}
         self.live: set[str] = set()
+        self.prepared: list[str] = []
+
+    def prepare(self, requests):
+        self.prepared += [r.request_id for r in requests]
 
     def propose(self, requests, num_tokens):
         self.asked = dict(num_tokens)
@@ -91,6 +95,21 @@ def test_switches_off_above_max_num_seqs():
     assert all(r.spec_token_ids == [] for r in requests)
     controller.propose(requests[:2])
     assert proposer.asked == {"r0": 4, "r1": 4}
+
+
+def test_requests_are_prepared_once_at_their_prefill_step_while_speculating():
+    proposer = FixedProposer()
+    controller = make_controller(proposer, max_num_seqs=2)
+    fresh, older = make_decoding_request("fresh"), make_decoding_request("older", num_output_tokens=5)
+    off = make_decoding_request("off", num_speculative_tokens=0)
+    controller.propose([fresh, older, make_decoding_request("third")])  # above max_num_seqs: no speculation
+    assert proposer.prepared == []
+    controller.propose([fresh, older])
+    controller.propose([off])
+    fresh.output_token_ids.append(5)
+    fresh.num_computed_tokens += 1
+    controller.propose([fresh, older])
+    assert proposer.prepared == ["fresh"]
 
 
 def test_caps_per_request_and_by_max_tokens_and_context():
