@@ -196,7 +196,7 @@ def _build_spec_controller(config: EngineConfig, loaded: LoadedModel, draft: Loa
                                       runner.device, spec.draft_head_ids)
         proposer.measure_cost(target_s)
         if spec.method == "hybrid":
-            proposer = HybridProposer(proposer, spec.hybrid_min_match, spec.ngram_max)
+            proposer = HybridProposer(proposer, spec.hybrid_min_match, spec.ngram_max, spec.num_speculative_tokens)
     else:
         raise ConfigError(f"unknown speculative method {spec.method!r} (choose ngram, draft or hybrid)")
     verify_cost = measure_verify_cost(loaded.model, kv_caches, runner.block_size, runner.device,

@@ -162,22 +162,25 @@ class SpecController:
                      and can_speculate(r)]
         if prefilled:
             self.proposer.prepare(prefilled)
-        wanted = {}
+        wanted, caps = {}, {}
         for request in running:
-            num_drafts = self._num_drafts(request)
+            cap = self._max_drafts(request)
+            num_drafts = self._num_drafts(request, cap) if cap else 0
             if num_drafts:
-                wanted[request.request_id] = num_drafts
+                wanted[request.request_id], caps[request.request_id] = num_drafts, cap
         if not wanted:
             return
         drafting = {r.request_id: r for r in running if r.request_id in wanted}
         for request_id, proposal in self.proposer.propose(list(drafting.values()), wanted).items():
-            request = drafting[request_id]
-            request.spec_token_ids = proposal.token_ids
-            request.spec_draft_probs = proposal.draft_probs
+            request, cap = drafting[request_id], caps[request_id]
+            # A proposer may draft more than asked where drafting is free (the hybrid's lookup), never past the cap.
+            request.spec_token_ids = proposal.token_ids[:cap]
+            request.spec_draft_probs = None if proposal.draft_probs is None else proposal.draft_probs[:cap]
             if proposal.num_extra_tokens:
                 self.restarting.add(request_id)
 
-    def _num_drafts(self, request: "Request") -> int:
+    def _max_drafts(self, request: "Request") -> int:
+        """The most tokens the request may draft this step (0: none)."""
         if request.num_computed_tokens != request.num_tokens - 1 or not can_speculate(request):
             return 0  # still prefilling, or sampling that verification does not cover
         params = request.sampling_params
@@ -188,8 +191,12 @@ class SpecController:
         k = min(k, self.max_model_len - request.num_tokens)
         if params.max_tokens is not None:
             k = min(k, params.max_tokens - request.num_output_tokens - 1)
-        if k <= 0 or not self.config.adaptive:
-            return max(k, 0)
+        return max(k, 0)
+
+    def _num_drafts(self, request: "Request", k: int) -> int:
+        """How many of its k allowed tokens the request drafts: all of them, or the adaptive choice."""
+        if not self.config.adaptive:
+            return k
         times = self.step_times.setdefault(request.request_id, StepTimes()) if self.timed else None
         if times is not None and times.plain.count < PLAIN_STEPS:
             return 0  # time plain decoding first

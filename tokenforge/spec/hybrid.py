@@ -21,8 +21,11 @@ if TYPE_CHECKING:
 
 
 class HybridProposer:
-    def __init__(self, draft: DraftModelProposer, min_match: int, max_match: int):
+    def __init__(self, draft: DraftModelProposer, min_match: int, max_match: int, lookup_tokens: int):
+        """lookup_tokens: the lookup's drafts per round, whatever k the draft model is asked for (a
+        lookup is free, only its verification costs; the controller cuts them to each request's cap)."""
         self.draft = draft
+        self.lookup_tokens = lookup_tokens
         self.lookup = NgramProposer(min_match, max(min_match, max_match))
         # request_id -> the request's token count at its first lookup round since the draft last ran
         self.lookup_since: dict[str, int] = {}
@@ -36,7 +39,8 @@ class HybridProposer:
 
     def propose(self, requests: list["Request"], num_tokens: dict[str, int]) -> dict[str, Proposal]:
         by_id = {r.request_id: r for r in requests}
-        proposals = self.lookup.propose(requests, num_tokens)
+        proposals = self.lookup.propose(requests, {r.request_id: max(self.lookup_tokens, num_tokens[r.request_id])
+                                                   for r in requests})
         for request_id in proposals:
             self.lookup_since.setdefault(request_id, by_id[request_id].num_tokens)
         rest = [r for r in requests if r.request_id not in proposals]

@@ -1,5 +1,7 @@
 """SpecController: the cost model behind adaptive k, switch-off, caps, and the statistics."""
 
+import torch
+
 from tokenforge.config import SpeculativeConfig
 from tokenforge.engine.request import Request
 from tokenforge.engine.scheduler import SampledToken, SchedulerOutput
@@ -110,6 +112,23 @@ def test_requests_are_prepared_once_at_their_prefill_step_while_speculating():
     fresh.num_computed_tokens += 1
     controller.propose([fresh, older])
     assert proposer.prepared == ["fresh"]
+
+
+class GenerousProposer(FixedProposer):
+    """Drafts 6 tokens whatever it is asked, with their q (a lookup drafting past the asked k)."""
+
+    def propose(self, requests, num_tokens):
+        self.asked = dict(num_tokens)
+        return {r.request_id: Proposal([9] * 6, torch.full((6, 10), 0.1)) for r in requests}
+
+
+def test_drafts_past_the_cap_are_cut():
+    controller = make_controller(GenerousProposer(), num_speculative_tokens=4, max_num_seqs=16)
+    room = make_decoding_request("room", max_tokens=100)
+    near_end = make_decoding_request("near_end", max_tokens=3)  # one output out: 2 more, the last the target's
+    controller.propose([room, near_end])
+    assert room.spec_token_ids == [9] * 4 and room.spec_draft_probs.shape == (4, 10)
+    assert near_end.spec_token_ids == [9] and near_end.spec_draft_probs.shape == (1, 10)
 
 
 def test_caps_per_request_and_by_max_tokens_and_context():
