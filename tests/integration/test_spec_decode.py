@@ -117,7 +117,7 @@ def test_hybrid_uses_both_proposers_and_changes_no_output(smollm2_loaded, short_
     assert token_ids(llm, PROMPTS[1:2]) == expected[1:2]
     proposer = llm.engine.spec.proposer
     assert proposer.num_lookup_proposals > 0 and proposer.num_draft_proposals > 0
-    assert proposer.lookup_since == {} and proposer.draft.sequences == {}  # released
+    assert proposer.tracks == {} and proposer.draft.sequences == {}  # released
 
 
 def test_hybrid_times_the_draft_catching_up_on_lookup_rounds(smollm2_loaded, expected):

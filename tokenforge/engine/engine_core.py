@@ -195,12 +195,13 @@ def _build_spec_controller(config: EngineConfig, loaded: LoadedModel, draft: Loa
         proposer = DraftModelProposer(draft, loaded, kv_caches.shape[1], runner.block_size, kv_caches.dtype,
                                       runner.device, spec.draft_head_ids)
         proposer.measure_cost(target_s)
-        if spec.method == "hybrid":
-            proposer = HybridProposer(proposer, spec.hybrid_min_match, spec.ngram_max, spec.num_speculative_tokens)
     else:
         raise ConfigError(f"unknown speculative method {spec.method!r} (choose ngram, draft or hybrid)")
     verify_cost = measure_verify_cost(loaded.model, kv_caches, runner.block_size, runner.device,
                                       spec.num_speculative_tokens, target_s)
+    if spec.method == "hybrid":
+        proposer = HybridProposer(proposer, spec.hybrid_min_match, spec.ngram_max, spec.num_speculative_tokens,
+                                  verify_cost)
     logger.info("speculative decoding (%s), measured in target steps: a draft step %.2f, one more verified "
                 "token %.2f", spec.method, proposer.draft_cost, verify_cost)
     return SpecController(spec, proposer, max_model_len, verify_cost, timed=True)
