@@ -15,8 +15,9 @@ switched off like a low acceptance, whatever the model says; each probe's round 
 estimate (one round, not MIN_TIMED_ROUNDS more: exploring costs a round per probe), or replaces it when
 the probe beat plain decoding (the text changed; merged, a probe could not outweigh the stale rounds:
 a from-scratch code prompt, its first drafts rejected, then drafted 21 of 128 tokens). A round that
-starts with the draft catching up on more than a round's tokens (the prompt, or what was decoded
-while drafting was off: Proposal.num_extra_tokens) is not timed, the round after it is (a probe
+starts with the draft catching up on more than a round's tokens (what was decoded while drafting
+was off, or during the plain steps; the prompt itself at its prefill step, Proposer.prepare:
+Proposal.num_extra_tokens) is not timed, the round after it is (a probe
 that restarts the draft lasts two rounds): that cost is paid once per (re)start, and timing it as a
 round's switched a draft accepted 99% of the time off on its first rounds (Qwen2.5-Coder pair on
 the CPU, code prompts: 1.08x before, 1.43x after, 1.59x with drafting forced on).
