@@ -1,11 +1,13 @@
 """SpecController: which requests speculate, how many tokens each drafts, and the statistics.
 
 Adaptive k: each request keeps a running estimate a of the chance that a draft token is
-accepted. With k drafts a verification step yields 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a)
-tokens on average and costs about 1 + k * (draft_cost + verify_cost) decode steps; k is the
-best ratio, and 0 (off, re-tried after PROBE_INTERVAL steps, then twice as long after each probe
-that fails, up to MAX_PROBE_INTERVAL) when no k beats plain decoding. The engine times the draft
-and verification costs at start (spec.timing).
+accepted, starting from the engine's recent acceptance over all requests (PRIOR_ACCEPTANCE for
+the first ones): a code request after code requests starts at a large k instead of ramping up.
+With k drafts a verification step yields 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a) tokens on
+average and costs about 1 + k * (draft_cost + verify_cost) decode steps; k is the best ratio,
+and 0 (off, re-tried after PROBE_INTERVAL steps, then twice as long after each probe that fails,
+up to MAX_PROBE_INTERVAL) when no k beats plain decoding. The engine times the draft and
+verification costs at start (spec.timing).
 
 The model leaves out what a round costs besides the two forward passes (the draft's catch-up
 rows, sampling, the engine's Python), so the engine also reports each step's wall time: a
@@ -38,7 +40,10 @@ if TYPE_CHECKING:
 # (spec.timing.measure_verify_cost): small where a step is bound by reading the weights, large where
 # one row runs a faster kernel than several.
 VERIFY_COST = 0.1
-PRIOR_ACCEPTANCE = 0.7  # a request's estimate before its first verification
+PRIOR_ACCEPTANCE = 0.7  # the first requests' estimate before their first verification
+# A new request starts from the acceptance of this engine's recent drafts (requests to one deployment
+# resemble each other: code after code), a running estimate over all requests' outcomes with this weight.
+PRIOR_EMA_WEIGHT = 0.02
 EMA_WEIGHT = 0.2  # weight of each new accept/reject outcome in the estimate
 PROBE_INTERVAL = 16  # steps a switched-off request waits before drafting again (first time)
 MAX_PROBE_INTERVAL = 256  # each probe that does not turn drafting back on doubles the wait, up to this
@@ -139,6 +144,7 @@ class SpecController:
         self.max_model_len = max_model_len
         self.stats = SpecStats()
         self.acceptance: dict[str, float] = {}  # request_id -> estimated acceptance per token
+        self.prior = PRIOR_ACCEPTANCE  # a new request's estimate: all requests' recent acceptance
         self.num_idle_steps: dict[str, int] = {}  # request_id -> steps since it stopped drafting
         self.probe_intervals: dict[str, int] = {}  # request_id -> steps between its probes now
         self.restarting: set[str] = set()  # requests whose drafting this step began with a catch-up
@@ -201,7 +207,7 @@ class SpecController:
         times = self.step_times.setdefault(request.request_id, StepTimes()) if self.timed else None
         if times is not None and times.plain.count < PLAIN_STEPS:
             return 0  # time plain decoding first
-        acceptance = self.acceptance.get(request.request_id, PRIOR_ACCEPTANCE)
+        acceptance = self.acceptance.get(request.request_id, self.prior)
         best = best_num_drafts(acceptance, k, self.proposer.draft_cost, self.verify_cost)
         follow_up = request.request_id in self.follow_ups
         self.follow_ups.discard(request.request_id)
@@ -221,7 +227,7 @@ class SpecController:
         # verification: each one that fails doubles the wait before the next.
         self.num_idle_steps[request.request_id] = 0
         self.probe_intervals[request.request_id] = min(2 * interval, MAX_PROBE_INTERVAL)
-        self.acceptance[request.request_id] = (acceptance + PRIOR_ACCEPTANCE) / 2
+        self.acceptance[request.request_id] = (acceptance + self.prior) / 2
         self.probing.add(request.request_id)
         return 1  # timed too: its round joins the drafting estimate, or replaces it if faster than plain
 
@@ -241,9 +247,10 @@ class SpecController:
             self.stats.num_accepted_tokens += num_accepted
             # Outcomes seen: num_accepted acceptances, then one rejection unless all were accepted.
             outcomes = [1.0] * num_accepted + ([0.0] if num_accepted < len(drafts) else [])
-            estimate = self.acceptance.get(request_id, PRIOR_ACCEPTANCE)
+            estimate = self.acceptance.get(request_id, self.prior)
             for outcome in outcomes:
                 estimate += EMA_WEIGHT * (outcome - estimate)
+                self.prior += PRIOR_EMA_WEIGHT * (outcome - self.prior)
             self.acceptance[request_id] = estimate
 
     def _record_times(self, scheduled: "SchedulerOutput", sampled: dict[str, list["SampledToken"]],

@@ -101,7 +101,8 @@ class HybridProposer:
                 continue
             track.pending.append((False, request.num_tokens, proposal.token_ids))
             if track.lookup_since is not None:  # catching up on lookup rounds: a round's cost, not a restart
-                proposal.num_extra_tokens = max(0, proposal.num_extra_tokens - (request.num_tokens - track.lookup_since))
+                lookup_tokens = request.num_tokens - track.lookup_since
+                proposal.num_extra_tokens = max(0, proposal.num_extra_tokens - lookup_tokens)
             track.lookup_since = None
         self.num_lookup_proposals += len(proposals)
         self.num_draft_proposals += len(drafted)

@@ -163,6 +163,22 @@ def test_record_counts_and_learns_acceptance():
     assert controller.acceptance["b"] > controller.acceptance["a"]
 
 
+def test_a_new_request_starts_from_the_engines_recent_acceptance():
+    proposer = FixedProposer()
+    controller = make_controller(proposer, num_speculative_tokens=8, max_num_seqs=16)
+    first = make_decoding_request("first")
+    controller.propose([first])
+    k_at_prior = proposer.asked["first"]
+    for _ in range(40):  # every draft accepted
+        controller.propose([first])
+        drafts = first.spec_token_ids
+        output = SchedulerOutput(num_scheduled_tokens={"first": 1 + len(drafts)}, spec_token_ids={"first": drafts})
+        controller.record(output, {"first": [SampledToken(9)] * (len(drafts) + 1)})
+    assert controller.prior > 0.95
+    controller.propose([make_decoding_request("second")])
+    assert proposer.asked["second"] == 8 > k_at_prior
+
+
 def test_adaptive_switch_off_then_probe():
     proposer = FixedProposer()
     controller = make_controller(proposer, num_speculative_tokens=4)
