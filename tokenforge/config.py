@@ -52,6 +52,7 @@ class SchedulerConfig:
 
 
 SPECULATIVE_METHODS = ("ngram", "draft", "hybrid")
+DRAFT_MODEL_METHODS = ("draft", "hybrid")  # the methods that load a draft model
 QUANTIZATIONS = ("auto", "none", "int8", "w8a8", "w8a8-block", "int4")
 CACHE_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -62,7 +63,7 @@ class SpeculativeConfig:
     # finds a match of at least hybrid_min_match tokens, else the draft model)
     method: str | None = None
     num_speculative_tokens: int = 4  # most tokens drafted per request and step (k)
-    draft_model: str | None = None  # with method "draft": catalog name, file or directory
+    draft_model: str | None = None  # with method "draft" or "hybrid": catalog name, file or directory
     # The draft's linear layers (QUANTIZATIONS). "auto": w8a8 on the CPU, where a one-token step runs
     # in about 2/3 of int8's time; a draft's precision moves only its acceptance rate, never the output.
     draft_quantization: str = "auto"
@@ -86,7 +87,7 @@ class SpeculativeConfig:
 
     @property
     def uses_draft_model(self) -> bool:
-        return self.method in ("draft", "hybrid")
+        return self.method in DRAFT_MODEL_METHODS
 
 
 @dataclass(frozen=True)

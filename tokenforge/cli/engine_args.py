@@ -4,8 +4,8 @@ import argparse
 import re
 from pathlib import Path
 
-from tokenforge.config import (CACHE_DTYPES, DEFAULT_MODEL, QUANTIZATIONS, SPECULATIVE_METHODS, CacheConfig,
-                               EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig)
+from tokenforge.config import (CACHE_DTYPES, DEFAULT_MODEL, DRAFT_MODEL_METHODS, QUANTIZATIONS, SPECULATIVE_METHODS,
+                               CacheConfig, EngineConfig, ModelConfig, SchedulerConfig, SpeculativeConfig)
 from tokenforge.errors import ConfigError
 from tokenforge.sampling_params import MAX_SPECULATIVE_TOKENS
 
@@ -112,7 +112,7 @@ def speculative_config_from_options(options: dict) -> SpeculativeConfig:
     num_tokens = options.get("num_speculative_tokens", SpeculativeConfig.num_speculative_tokens)
     if method is not None and method not in SPECULATIVE_METHODS:
         raise ConfigError(f"speculative_method must be one of {', '.join(SPECULATIVE_METHODS)}, got {method!r}")
-    uses_draft_model = method in ("draft", "hybrid")
+    uses_draft_model = method in DRAFT_MODEL_METHODS
     if uses_draft_model and draft_model is None:
         raise ConfigError(f"--speculative-method {method} needs --draft-model")
     if draft_model is not None and not uses_draft_model:

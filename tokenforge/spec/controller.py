@@ -62,8 +62,8 @@ class Rate:
     count: int = 0
 
     def add(self, seconds: float, num_tokens: int) -> None:
-        self.seconds = _ema(self.seconds, seconds)
-        self.tokens = _ema(self.tokens, float(num_tokens))
+        self.seconds = running_mean(self.seconds, seconds, TIME_EMA_WEIGHT)
+        self.tokens = running_mean(self.tokens, float(num_tokens), TIME_EMA_WEIGHT)
         self.count += 1
 
     @property
@@ -87,8 +87,9 @@ class StepTimes:
                 and spec_s is not None and spec_s > plain_s)
 
 
-def _ema(old: float | None, new: float) -> float:
-    return new if old is None else old + TIME_EMA_WEIGHT * (new - old)
+def running_mean(old: float | None, new: float, weight: float) -> float:
+    """An exponential moving average: new alone at first, then each new value with this weight."""
+    return new if old is None else old + weight * (new - old)
 
 
 @dataclass
@@ -165,8 +166,7 @@ class SpecController:
         self.restarting, self.probing = set(), set()
         if len(running) > self.config.max_num_seqs:
             return
-        prefilled = [r for r in running if r.num_output_tokens == 1 and r.num_computed_tokens == r.num_tokens - 1
-                     and can_speculate(r)]
+        prefilled = [r for r in running if r.num_output_tokens == 1 and self._max_drafts(r)]
         if prefilled:
             self.proposer.prepare(prefilled)
         wanted, caps = {}, {}

@@ -16,7 +16,7 @@ one batched pass, a cost of the round (not a restart, which the controller leave
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from tokenforge.spec.controller import PRIOR_ACCEPTANCE, expected_num_tokens
+from tokenforge.spec.controller import PRIOR_ACCEPTANCE, expected_num_tokens, running_mean
 from tokenforge.spec.draft_model import DraftModelProposer
 from tokenforge.spec.ngram import find_continuation
 from tokenforge.spec.proposer import Proposal
@@ -49,14 +49,10 @@ class _Track:
                     continue
                 accepted = min(len(drafts), len(after))
             if is_lookup:
-                self.lookup_accepted = _ema(self.lookup_accepted, accepted)
+                self.lookup_accepted = running_mean(self.lookup_accepted, accepted, EMA_WEIGHT)
             else:
-                self.draft_accepted = _ema(self.draft_accepted, accepted)
+                self.draft_accepted = running_mean(self.draft_accepted, accepted, EMA_WEIGHT)
         self.pending = waiting
-
-
-def _ema(old: float | None, new: float) -> float:
-    return new if old is None else old + EMA_WEIGHT * (new - old)
 
 
 class HybridProposer:
