@@ -4,6 +4,7 @@ speed ratio. For kernel changes; the served and offline figures against peers ar
 
     python benchmarks/kernel_ab.py --base c235389~1 16x3072x576 64x576x1536 5x17920x1536
     python benchmarks/kernel_ab.py --base HEAD~1 --int4 64x3072x576
+    python benchmarks/kernel_ab.py --base HEAD~1 --block   # w8a8-block layers (the default quantization)
 
 A shape is ROWSxOUTPUTSxINPUTS; the default shapes are SmolLM2-135M's and Qwen2.5-1.5B's layers.
 """
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 
 from tokenforge.model.layers import native
+from tokenforge.model.layers.quant_block import Int8BlockLinear
 from tokenforge.model.layers.quant_int4 import Int4Linear
 from tokenforge.model.layers.quant_linear import Int8Linear
 
@@ -73,6 +75,7 @@ def main() -> None:
     parser.add_argument("shapes", nargs="*", default=DEFAULT_SHAPES)
     parser.add_argument("--base", required=True, help="the commit to compare the working tree with")
     parser.add_argument("--int4", action="store_true", help="4-bit layers (Int4Linear) instead of int8")
+    parser.add_argument("--block", action="store_true", help="w8a8-block layers (Int8BlockLinear) instead of int8")
     parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -81,7 +84,8 @@ def main() -> None:
                    "new": rows_kernel(source_at(None), Path(build_dir))}
         for text in args.shapes:
             shape = tuple(int(part) for part in text.split("x"))
-            rates = measure(kernels, shape, Int4Linear if args.int4 else Int8Linear, args.rounds)
+            layer_class = Int4Linear if args.int4 else Int8BlockLinear if args.block else Int8Linear
+            rates = measure(kernels, shape, layer_class, args.rounds)
             print(f"{text:>14}: base {rates['base']:6.1f}, new {rates['new']:6.1f} G multiply-adds/s, "
                   f"new / base {rates['new'] / rates['base']:.2f}x")
 

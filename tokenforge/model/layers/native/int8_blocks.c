@@ -16,13 +16,23 @@ bits, for any number of rows. Activations: x_scale_b = max(amax_b, 1e-12) / 127,
 x_scale_b) (half to even); vpmaddubsw takes |w| and q with w's sign (a pair sums to at most
 2 * 127 * 127: no int16 saturation).
 
+Where the CPU has AVX-512 VNNI (HAVE_TILES512), block_tile_vnni replaces the three-instruction
+product with one 256-bit vpdpbusd (32 u8 x s8 products summed by four into int32 lanes, no
+saturation): the activation codes as unsigned bytes u = q + 128, so that a block's sum(w q) =
+sum(w u) - 128 sum(w), the last from one vpdpbusd of 0x80 bytes by each weight vector, shared by the
+tile's rows. The same integers, so the same bits; 32 registers give tiles of 8 rows.
+
 Entered from int8_row_linear_packed and int8_rows_linear (digits == BLOCK_DIGITS), so DecodePlan
 runs these layers unchanged. scratch: M * K code bytes, then M * K / QBLOCK floats.
 */
 
 #define QBLOCK 32
 #define GROUP_OUT 8
+#if HAVE_TILES512
+#define BLOCK_TILE_ROWS 8
+#else
 #define BLOCK_TILE_ROWS 4
+#endif
 
 /* The block-scaled sums of group g's 8 outputs with R <= BLOCK_TILE_ROWS rows (row r's codes at q + r * K,
    its scales at x_scales + r * K / QBLOCK) into acc[r]. R is a constant where it is inlined. */
@@ -53,14 +63,59 @@ static inline __attribute__((always_inline)) void block_tile(const struct int8_r
     }
 }
 
+#if HAVE_TILES512
+/* acc += the products of u (unsigned bytes) and w (signed bytes), four to a lane, in place. */
+#define DPBUSD256(acc, u, w) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(w))
+
+/* The in-place q XOR 0x80 of n codes (n a multiple of 32): int8 codes as unsigned bytes q + 128. */
+static void codes_to_unsigned(int8_t *q, int64_t n) {
+    for (int64_t i = 0; i < n; i += 64) {
+        const __mmask64 lanes = n - i >= 64 ? ~(__mmask64)0 : (__mmask64)0xffffffff;
+        _mm512_mask_storeu_epi8(q + i, lanes, _mm512_xor_si512(_mm512_maskz_loadu_epi8(lanes, q + i),
+                                                               _mm512_set1_epi8((char)0x80)));
+    }
+}
+
+/* block_tile with vpdpbusd: u holds the rows' codes as unsigned bytes (codes_to_unsigned). */
+static inline __attribute__((always_inline)) void block_tile_vnni(const struct int8_row_args *a, int64_t g,
+                                                                  const uint8_t *u, const float *x_scales, int R,
+                                                                  __m256 *acc) {
+    const int64_t K = a->K, num_blocks = K / QBLOCK;
+    const int8_t *w = a->weight + g * GROUP_OUT * K;
+    const __m256i bytes128 = _mm256_set1_epi8((char)0x80);
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = 0; b < num_blocks; b++) {
+        __m256i sums[BLOCK_TILE_ROWS], offset = _mm256_setzero_si256();
+        for (int r = 0; r < R; r++) sums[r] = _mm256_setzero_si256();
+        for (int j = 0; j < QBLOCK / 4; j++) {
+            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (b * QBLOCK + 4 * j) * GROUP_OUT));
+            DPBUSD256(offset, bytes128, wv);
+            for (int r = 0; r < R; r++) {
+                int32_t four;
+                __builtin_memcpy(&four, u + r * K + b * QBLOCK + 4 * j, 4);
+                DPBUSD256(sums[r], _mm256_set1_epi32(four), wv);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const __m256 x_scale = _mm256_set1_ps(x_scales[r * num_blocks + b]);
+            const __m256i isum = _mm256_sub_epi32(sums[r], offset);
+            acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), x_scale));
+        }
+    }
+}
+#endif
+
+/* block_tile (block_tile_vnni where built, q then as unsigned bytes) with R as a constant. */
 static void block_tile_any(const struct int8_row_args *a, int64_t g, const int8_t *q, const float *x_scales, int R,
                            __m256 *acc) {
-    switch (R) {
-        case 1: block_tile(a, g, q, x_scales, 1, acc); break;
-        case 2: block_tile(a, g, q, x_scales, 2, acc); break;
-        case 3: block_tile(a, g, q, x_scales, 3, acc); break;
-        default: block_tile(a, g, q, x_scales, 4, acc); break;
-    }
+#if HAVE_TILES512
+    #define TILE(r) case r: block_tile_vnni(a, g, (const uint8_t *)q, x_scales, r, acc); break;
+    switch (R) { TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) default: TILE(8) }
+#else
+    #define TILE(r) case r: block_tile(a, g, q, x_scales, r, acc); break;
+    switch (R) { TILE(1) TILE(2) TILE(3) default: TILE(4) }
+#endif
+    #undef TILE
 }
 
 /* x: [M, K] fp32 -> out: [M, N]; N a multiple of GROUP_OUT, K of QBLOCK. */
@@ -69,6 +124,9 @@ static void blocks_linear(const float *x, float *out, int64_t M, const struct in
     float *x_scales = (float *)(scratch + M * K);  /* M * K is a multiple of 32: aligned as float */
     /* each block as a row of its own: the same codes and scales as one scale per block */
     int8_quantize_rows(x, M * num_blocks, QBLOCK, 1, scratch, x_scales, a->num_threads);
+#if HAVE_TILES512
+    codes_to_unsigned(scratch, M * K);
+#endif
     #pragma omp parallel for num_threads(a->num_threads) schedule(static)
     for (int64_t g = 0; g < N / GROUP_OUT; g++) {
         const __m256 scales = _mm256_loadu_ps(a->scales + g * GROUP_OUT);

@@ -127,12 +127,7 @@ static inline void rescale4(__m256i sums, float x_scale, const struct int8_row_a
 static void tiles512_linear(float *out, int64_t M, const struct int8_row_args *a, int8_t *q,
                             const float *x_scales) {
     const int64_t K = a->K, N = a->N, row_bytes = a->digits == 2 ? 2 * K : K;
-    if (a->digits == 1)
-        for (int64_t i = 0; i < M * K; i += 64) {  /* M * K is a multiple of 32 */
-            const __mmask64 lanes = M * K - i >= 64 ? ~(__mmask64)0 : (__mmask64)0xffffffff;
-            _mm512_mask_storeu_epi8(q + i, lanes, _mm512_xor_si512(_mm512_maskz_loadu_epi8(lanes, q + i),
-                                                                   _mm512_set1_epi8((char)0x80)));
-        }
+    if (a->digits == 1) codes_to_unsigned(q, M * K);  /* M * K is a multiple of 32 (int8_blocks.c) */
     const int64_t num_blocks = (M + ROW_BLOCK - 1) / ROW_BLOCK;
     const int64_t block = ((M + num_blocks - 1) / num_blocks + TILE_ROWS - 1) / TILE_ROWS * TILE_ROWS;
     #pragma omp parallel num_threads(a->num_threads)
