@@ -49,11 +49,21 @@ def build_model(arch_config: ArchConfig, dtype: torch.dtype, device: torch.devic
     model = model.to(dtype)
     for module in model.modules():
         if not (lazy_linears and isinstance(module, nn.Linear)):
-            module.to_empty(device=device, recurse=False)
+            _to_empty(module, device)
     for module in model.modules():
         if isinstance(module, RotaryEmbedding):
             module.build(device)
     return model.eval()
+
+
+def _to_empty(module: nn.Module, device: torch.device) -> None:
+    """module.to_empty(device=device, recurse=False) with torch.empty: to_empty's empty_like of a meta
+    tensor imports sympy and torch.fx (~25 MiB resident) to work out a memory format."""
+    for name, param in module.named_parameters(recurse=False):
+        setattr(module, name, nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=device),
+                                           requires_grad=param.requires_grad))
+    for name, buffer in module.named_buffers(recurse=False):
+        setattr(module, name, torch.empty(buffer.shape, dtype=buffer.dtype, device=device))
 
 
 def load_weights(model: nn.Module, tensors, flavor: str, permute_qk: bool,
