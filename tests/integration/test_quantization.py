@@ -15,7 +15,7 @@ from tokenforge.config import ModelConfig
 from tokenforge.engine.factory import load, pick_quantization
 from tokenforge.errors import ConfigError
 from tokenforge.engine.llm import LLM
-from tokenforge.model.layers.native import FLAGS, compile_flags, int8_kernels
+from tokenforge.model.layers.native import int8_kernels
 from tokenforge.model.layers.quant_block import Int8BlockLinear
 from tokenforge.model.layers.quant_int4 import Int4Linear
 from tokenforge.model.layers.quant_linear import Int8Linear
@@ -52,12 +52,10 @@ def test_auto_quantizes_an_already_quantized_gguf_on_the_cpu_only(smollm2_path):
     loaded, _, _ = load(ModelConfig(model=str(smollm2_path), device="cpu"))  # quantization="auto"
     assert loaded.quantized_source  # the pulled file is Q4_1
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    # Without the AVX-512 VNNI tiles (an AVX2 build), 8-bit products in blocks; with them, int8.
-    method = "w8a8-block" if compile_flags() == FLAGS else "int8"
-    assert pick_quantization("auto", cpu, True) == method
-    layer_class = Int8BlockLinear if method == "w8a8-block" else Int8Linear
+    # 8-bit products in blocks wherever the native kernels run (AVX2 or AVX-512 VNNI builds)
+    assert pick_quantization("auto", cpu, True) == "w8a8-block"
     layers = [m for m in loaded.model.modules() if isinstance(m, Int8Linear)]
-    assert len(layers) == 4 * loaded.model.config.num_layers + 1 and all(type(m) is layer_class for m in layers)
+    assert len(layers) == 4 * loaded.model.config.num_layers + 1 and all(type(m) is Int8BlockLinear for m in layers)
     assert pick_quantization("auto", cuda, loaded.quantized_source) == "none"
     assert pick_quantization("auto", cpu, False) == "none"  # fp16/fp32 files
     assert pick_quantization("w8a8", cpu, loaded.quantized_source) == "w8a8"

@@ -11,7 +11,7 @@ from tokenforge.config import EngineConfig, ModelConfig, SpeculativeConfig, defa
 from tokenforge.engine.engine_core import EngineCore
 from tokenforge.errors import ConfigError, InvalidRequestError
 from tokenforge.model.catalog import shape_config
-from tokenforge.model.layers.native import FLAGS, compile_flags, int8_kernels
+from tokenforge.model.layers.native import int8_kernels
 from tokenforge.model.layers.quantize import linear_quantizer, quantize_model
 from tokenforge.model.loader import LoadedModel, load_model
 from tokenforge.model.pull import resolve_model
@@ -43,14 +43,14 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 def pick_quantization(name: str, device: torch.device, quantized_source: bool) -> str:
     """auto: on the CPU when the checkpoint is quantized already (its fp32 copy is no more exact than
-    8-bit weights, which read a quarter of the bytes), w8a8-block where the native kernels run without
-    the AVX-512 VNNI tiles (8-bit products at about twice the rate of int8's 16-bit ones on AVX2; a
+    8-bit weights, which read a quarter of the bytes), w8a8-block where the native kernels run (8-bit
+    products at about twice the rate of int8's 16-bit ones on AVX2 and on AVX-512 VNNI's vpdpbusd; a
     quality within 1% of fp32 like int8's, docs/benchmarks.md), int8 elsewhere; none otherwise.
     int8, w8a8, w8a8-block and int4 run on the CPU only; w8a8-block and int4 need the native kernels."""
     if name == "auto":
         if device.type != "cpu" or not quantized_source:
             return "none"
-        return "w8a8-block" if int8_kernels() is not None and compile_flags() == FLAGS else "int8"
+        return "w8a8-block" if int8_kernels() is not None else "int8"
     if name != "none" and device.type != "cpu":
         raise ConfigError(f"--quantization {name} runs on the CPU only (the device is {device})")
     if name in ("int4", "w8a8-block") and int8_kernels() is None:
