@@ -60,10 +60,14 @@ def pick_quantization(name: str, device: torch.device, quantized_source: bool) -
 
 
 def pick_draft_quantization(name: str, device: torch.device) -> str:
-    """auto: w8a8 on the CPU (a one-token step in about 2/3 of int8's time; a draft's precision moves
-    only how often its tokens are accepted, never the output), none elsewhere."""
+    """auto: on the CPU w8a8-block where the native kernels run (one-token steps as fast as w8a8's
+    on AVX2, 1.xx faster on AVX-512 VNNI, whose w8a8 tiles are slow for one row on an AMD Zen 4),
+    else w8a8 (about 2/3 of int8's time); a draft's precision moves only how often its tokens are
+    accepted, never the output. None elsewhere."""
     if name == "auto":
-        return "w8a8" if device.type == "cpu" else "none"
+        if device.type != "cpu":
+            return "none"
+        return "w8a8-block" if int8_kernels() is not None else "w8a8"
     return name
 
 
