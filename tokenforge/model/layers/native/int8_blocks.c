@@ -64,8 +64,9 @@ static inline __attribute__((always_inline)) void block_tile(const struct int8_r
 }
 
 #if HAVE_TILES512
-/* acc += the products of u (unsigned bytes) and w (signed bytes), four to a lane, in place. */
-#define DPBUSD256(acc, u, w) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(w))
+/* acc += the products of u (unsigned bytes) and w (signed bytes), four to a lane, in place; 256- or
+   512-bit registers (int8_tiles512.c uses it too). */
+#define DPBUSD(acc, u, w) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(w))
 
 /* The in-place q XOR 0x80 of n codes (n a multiple of 32): int8 codes as unsigned bytes q + 128. */
 static void codes_to_unsigned(int8_t *q, int64_t n) {
@@ -89,11 +90,11 @@ static inline __attribute__((always_inline)) void block_tile_vnni(const struct i
         for (int r = 0; r < R; r++) sums[r] = _mm256_setzero_si256();
         for (int j = 0; j < QBLOCK / 4; j++) {
             const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (b * QBLOCK + 4 * j) * GROUP_OUT));
-            DPBUSD256(offset, bytes128, wv);
+            DPBUSD(offset, bytes128, wv);
             for (int r = 0; r < R; r++) {
                 int32_t four;
                 __builtin_memcpy(&four, u + r * K + b * QBLOCK + 4 * j, 4);
-                DPBUSD256(sums[r], _mm256_set1_epi32(four), wv);
+                DPBUSD(sums[r], _mm256_set1_epi32(four), wv);
             }
         }
         for (int r = 0; r < R; r++) {

@@ -57,8 +57,8 @@ static inline __attribute__((always_inline)) void tile512(const struct int8_row_
 
 /* Digits 1 (w8a8): the activations as unsigned bytes u = q + 128 (q XOR 0x80) and vpdpbusd (64
    u8 x s8 products into 16 int32 lanes, no saturation): sum(w q) = sum(w u) - 128 sum(w), with sum(w)
-   the layer's row_sums. A lane of a chunk holds at most 128 products of <= 255 * 127. */
-#define DPBUSD(acc, u, w) __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(w))
+   the layer's row_sums. A lane of a chunk holds at most 128 products of <= 255 * 127. DPBUSD and
+   codes_to_unsigned: int8_blocks.c. */
 
 /* The codes of weights k..k+63 of output row n; past K (K is a multiple of 32) zeros. */
 static inline __attribute__((always_inline)) __m512i load_weights64(const struct int8_row_args *a, int64_t n,
