@@ -1,8 +1,8 @@
 """Speculative decoding: single-stream decode tokens/s with and without speculation (n-gram
 lookup, a draft model, and the draft forced on: k drafts every step, what the adaptive policy
 could keep), on the same prompts, interleaved in one run, plus a high-batch run that checks the
-switch-off. Greedy; the target as `tokenforge serve` loads it (--quantization auto: int8
-on the CPU for a quantized GGUF), the draft with --draft-quantization (auto: w8a8 on the CPU): the
+switch-off. Greedy; the target as `tokenforge serve` loads it (--quantization auto: w8a8-block
+on the CPU for a quantized GGUF), the draft with --draft-quantization (auto: w8a8-block too): the
 outputs must be identical. Writes JSON to benchmarks/results/.
 """
 

@@ -17,8 +17,8 @@ def default_cache_dir() -> Path:
 class ModelConfig:
     model: str = DEFAULT_MODEL  # catalog name, GGUF file, HF directory or HF repo id
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (auto: fp32 on CPU, bf16 on GPU)
-    # auto | none | int8 | w8a8 | int4 (model.layers.quantize; CPU only). auto: int8 on the CPU for a
-    # checkpoint that is quantized already (a Q4/Q5/Q8/K-quant GGUF), else none.
+    # QUANTIZATIONS (model.layers.quantize; CPU only). auto: on the CPU for a checkpoint that is quantized
+    # already (a Q4/Q5/Q8/K-quant GGUF), w8a8-block where the native kernels run, else int8; else none.
     quantization: str = "auto"
     load_format: str = "auto"  # auto | dummy (random weights of the model's shapes)
     max_model_len: int | None = None  # None: the model's own context length
@@ -64,8 +64,9 @@ class SpeculativeConfig:
     method: str | None = None
     num_speculative_tokens: int = 4  # most tokens drafted per request and step (k)
     draft_model: str | None = None  # with method "draft" or "hybrid": catalog name, file or directory
-    # The draft's linear layers (QUANTIZATIONS). "auto": w8a8 on the CPU, where a one-token step runs
-    # in about 2/3 of int8's time; a draft's precision moves only its acceptance rate, never the output.
+    # The draft's linear layers (QUANTIZATIONS). "auto": on the CPU w8a8-block where the native kernels
+    # run, else w8a8 (engine.factory.pick_draft_quantization); a draft's precision moves only its
+    # acceptance rate, never the output.
     draft_quantization: str = "auto"
     # The draft's output head over the first this-many ids only (0: all): a step reads fewer bytes
     # (Qwen2.5's 152k x 896 head is 28% of the 0.5B draft); ids are merge-ordered, so the first ones

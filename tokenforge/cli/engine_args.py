@@ -71,8 +71,8 @@ def add_engine_args(parser: argparse.ArgumentParser, *, repeat_model: bool = Fal
                       help="most tokens drafted per request and step (adapted to the acceptance rate)")
     spec.add_argument("--draft-model", default=None, help="the draft model: catalog name, .gguf file or directory")
     spec.add_argument("--draft-quantization", default=SpeculativeConfig.draft_quantization, choices=QUANTIZATIONS,
-                      help="the draft model's linear layers; auto: w8a8 on the CPU (changes only the acceptance "
-                           "rate, never the output), else none")
+                      help="the draft model's linear layers; auto: w8a8-block on the CPU where the native kernels "
+                           "run, else w8a8 (changes only the acceptance rate, never the output); none off the CPU")
     spec.add_argument("--draft-head-ids", type=int, default=SpeculativeConfig.draft_head_ids,
                       help="compute the draft's output head over the first N token ids only (0: all; e.g. "
                            "65536 for Qwen2.5: a cheaper draft step, never a different output)")
