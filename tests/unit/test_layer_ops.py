@@ -83,8 +83,8 @@ def attention(q, cache, chunks, native: bool) -> torch.Tensor:
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(6, 2, 64), (8, 1, 40), (4, 4, 16), (14, 2, 24)])
-def test_paged_attention_matches_sdpa_and_a_verified_query_equals_its_decode(cache_dtype, heads, kv_heads, head_dim):
-    """Groups of 3, 8, 1 and 7 query heads per KV head (the kernel sums values 3 heads at a time);
+def test_paged_attention_matches_sdpa_and_each_query_equals_its_decode(cache_dtype, heads, kv_heads, head_dim):
+    """Groups of 3, 8, 1 and 7 query heads per KV head (the kernel takes up to 3 heads at a time);
     head sizes in steps of 32 floats, of 8, and both."""
     generator = torch.Generator().manual_seed(2)
     block_size = 4
@@ -93,17 +93,18 @@ def test_paged_attention_matches_sdpa_and_a_verified_query_equals_its_decode(cac
     chunks = [
         SequenceChunk([1], 17, tables[0]),  # a decode at position 17
         SequenceChunk([1] * 5, 33, tables[1]),  # five tokens to verify, positions 33-37
-        SequenceChunk([1] * 20, 4, tables[2]),  # a prefill chunk too long for the kernel: SDPA
+        SequenceChunk([1] * 20, 4, tables[2]),  # a prefill chunk, positions 4-23
     ]
     q = torch.randn(26, heads, head_dim, generator=generator)
     with torch.inference_mode():
         native = attention(q, cache, chunks, native=True)
         reference = attention(q, cache, chunks, native=False)
         torch.testing.assert_close(native, reference, rtol=1e-5, atol=1e-5)
-        assert torch.equal(native[6:], reference[6:])  # the long chunk: SDPA either way
-        for i, position in enumerate(range(33, 38)):  # each verified query, decoded alone
-            alone = attention(q[1 + i:2 + i], cache, [SequenceChunk([1], position, tables[1])], native=True)
-            assert torch.equal(alone, native[1 + i:2 + i])
+        # each verified query and each prompt query, decoded alone: the same bits
+        for first, positions, table in ((1, range(33, 38), tables[1]), (6, range(4, 24), tables[2])):
+            for i, position in enumerate(positions):
+                alone = attention(q[first + i:first + i + 1], cache, [SequenceChunk([1], position, table)], native=True)
+                assert torch.equal(alone, native[first + i:first + i + 1])
 
 
 @pytest.mark.parametrize("cache_dtype", [torch.float32, torch.float16])

@@ -1,8 +1,8 @@
 """ForwardBatch: every tensor of one forward pass over a flat batch of sequence chunks.
 
 Used by the model runner (the target model) and the draft-model proposer alike. Chunks of one
-token (decodes) go first: attention runs them as one padded batch; then the other chunks of at
-most MAX_NATIVE_QUERIES tokens, which the native attention kernel takes with the decodes.
+token (decodes) go first: the SDPA path runs them as one padded batch, the others one by one;
+the native attention kernel takes every token.
 """
 
 from dataclasses import dataclass
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from tokenforge.engine.kv_cache_manager import cdiv
-from tokenforge.model.layers.attention import MAX_NATIVE_QUERIES, AttentionMetadata
+from tokenforge.model.layers.attention import AttentionMetadata
 
 
 @dataclass
@@ -32,7 +32,7 @@ class ForwardBatch:
 
 
 def build_batch(chunks: list[SequenceChunk], block_size: int, device: torch.device) -> ForwardBatch:
-    order = sorted(range(len(chunks)), key=lambda i: _kind(len(chunks[i].token_ids)))
+    order = sorted(range(len(chunks)), key=lambda i: len(chunks[i].token_ids) > 1)  # decodes first
     input_ids: list[int] = []
     positions: list[int] = []
     slots: list[int] = []
@@ -54,10 +54,9 @@ def build_batch(chunks: list[SequenceChunk], block_size: int, device: torch.devi
         input_ids.extend(chunk.token_ids)
         positions.extend(range(start, end))
         slots.extend(block_ids[p // block_size] * block_size + p % block_size for p in range(start, end))
-        if n <= MAX_NATIVE_QUERIES:
-            short_seq.extend([len(short_tables)] * n)
-            short_lens.extend(range(start + 1, end + 1))
-            short_tables.append(block_ids[: cdiv(end, block_size)])
+        short_seq.extend([len(short_tables)] * n)
+        short_lens.extend(range(start + 1, end + 1))
+        short_tables.append(block_ids[: cdiv(end, block_size)])
         if n == 1:
             decode_tables.append(block_ids[: cdiv(end, block_size)])
             decode_lens.append(end)
@@ -81,11 +80,6 @@ def build_batch(chunks: list[SequenceChunk], block_size: int, device: torch.devi
         max_short_len=max(short_lens, default=0),
     )
     return ForwardBatch(as_tensor(input_ids), as_tensor(positions), meta, as_tensor(logits_indices), logits_rows)
-
-
-def _kind(num_tokens: int) -> int:
-    """The order of chunks in a batch: decodes, then short chunks, then long ones."""
-    return 0 if num_tokens == 1 else 1 if num_tokens <= MAX_NATIVE_QUERIES else 2
 
 
 def _pad_tables(tables: list[list[int]], device: torch.device) -> torch.Tensor:

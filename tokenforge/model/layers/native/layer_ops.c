@@ -129,19 +129,40 @@ static inline float dot_kv(const float *q, const void *k, int64_t D, int kv_half
     return hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 }
 
-/* q . k_r for the 8 key rows k_r = k + r * D elements (D a multiple of 8): 8 accumulators, then one
-   transpose-reduce; row r's sum never mixes with another row's (horizontal adds pair lanes of one
-   accumulator), so it is the same whichever rows lie beside it. */
-static inline __m256 dot8_kv(const float *q, const char *k, int64_t D, int64_t elem, int kv_half) {
-    __m256 acc[8];
-    for (int r = 0; r < 8; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t i = 0; i < D; i += 8) {
-        const __m256 qv = _mm256_loadu_ps(q + i);
-        for (int r = 0; r < 8; r++) acc[r] = _mm256_fmadd_ps(qv, load_kv(k + r * D * elem, i, kv_half), acc[r]);
-    }
+/* The transpose-reduce of 8 accumulators: lane r is the sum of acc[r]'s lanes, as
+   ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)); horizontal adds pair lanes of one accumulator,
+   so row r's sum never mixes with another row's. */
+static inline __m256 reduce8(const __m256 *acc) {
     __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
     __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[4], acc[5]), _mm256_hadd_ps(acc[6], acc[7]));
     return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+/* Where 32 vector registers hold 3 heads' 8 accumulators each (AVX-512VL), each key vector is
+   converted once for up to SCORE_HEADS query heads; per head the operations are the same. */
+#if defined(__AVX512VL__)
+#define SCORE_HEADS 3
+#else
+#define SCORE_HEADS 1
+#endif
+
+/* q_h . k_r for NH <= SCORE_HEADS query heads (q_h = q + h * D) and the 8 key rows k_r = k + r * D
+   elements (D a multiple of 8): per head 8 accumulators of fused multiply-adds over D in order, then
+   reduce8, into out[h]. NH is a constant where it is inlined. */
+static inline __attribute__((always_inline)) void dot8_kv(const float *q, const char *k, int64_t D, int64_t elem,
+                                                          int kv_half, int NH, __m256 *out) {
+    __m256 acc[SCORE_HEADS][8];
+    for (int h = 0; h < NH; h++)
+        for (int r = 0; r < 8; r++) acc[h][r] = _mm256_setzero_ps();
+    for (int64_t i = 0; i < D; i += 8) {
+        __m256 qv[SCORE_HEADS];
+        for (int h = 0; h < NH; h++) qv[h] = _mm256_loadu_ps(q + h * D + i);
+        for (int r = 0; r < 8; r++) {
+            const __m256 kv = load_kv(k + r * D * elem, i, kv_half);
+            for (int h = 0; h < NH; h++) acc[h][r] = _mm256_fmadd_ps(qv[h], kv, acc[h][r]);
+        }
+    }
+    for (int h = 0; h < NH; h++) out[h] = reduce8(acc[h]);
 }
 
 /* The cache of one layer: [num_blocks, 2 (k, v), Hkv, block_size, D] elements. A head's keys (values)
@@ -231,11 +252,21 @@ static inline __attribute__((always_inline)) void block_scores(
     /* 8 keys at a time where the block holds 8 more rows (rows past len are read, never used); which
        path a position takes depends on the block size only, never on len or the batch. */
     for (; j + 8 <= block_size && j < n; j += 8)
-        for (int64_t g = 0; g < heads; g++) {
-            float sums[8];
-            _mm256_storeu_ps(sums, _mm256_mul_ps(dot8_kv(qh + g * D, k + j * D * elem, D, elem, kv_half),
-                                                 _mm256_set1_ps(scale)));
-            for (int64_t r = 0; r < 8 && j + r < n; r++) s[g * max_len + b0 + j + r] = sums[r];
+        for (int64_t g = 0; g < heads; g += SCORE_HEADS) {
+            const int nh = heads - g < SCORE_HEADS ? (int)(heads - g) : SCORE_HEADS;
+            __m256 dots[SCORE_HEADS];
+            const char *kj = k + j * D * elem;
+#if SCORE_HEADS == 3
+            if (nh == 3) dot8_kv(qh + g * D, kj, D, elem, kv_half, 3, dots);
+            else if (nh == 2) dot8_kv(qh + g * D, kj, D, elem, kv_half, 2, dots);
+            else
+#endif
+                dot8_kv(qh + g * D, kj, D, elem, kv_half, 1, dots);
+            for (int h = 0; h < nh; h++) {
+                float sums[8];
+                _mm256_storeu_ps(sums, _mm256_mul_ps(dots[h], _mm256_set1_ps(scale)));
+                for (int64_t r = 0; r < 8 && j + r < n; r++) s[(g + h) * max_len + b0 + j + r] = sums[r];
+            }
         }
     for (; j < n; j++)
         for (int64_t g = 0; g < heads; g++)
