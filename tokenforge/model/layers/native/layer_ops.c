@@ -263,9 +263,15 @@ static inline __attribute__((always_inline)) void block_scores(
 #endif
                 dot8_kv(qh + g * D, kj, D, elem, kv_half, 1, dots);
             for (int h = 0; h < nh; h++) {
+                const __m256 scaled = _mm256_mul_ps(dots[h], _mm256_set1_ps(scale));
+                float *row = s + (g + h) * max_len + b0 + j;
+                if (j + 8 <= n) {
+                    _mm256_storeu_ps(row, scaled);
+                    continue;
+                }
                 float sums[8];
-                _mm256_storeu_ps(sums, _mm256_mul_ps(dots[h], _mm256_set1_ps(scale)));
-                for (int64_t r = 0; r < 8 && j + r < n; r++) s[(g + h) * max_len + b0 + j + r] = sums[r];
+                _mm256_storeu_ps(sums, scaled);
+                for (int64_t r = 0; j + r < n; r++) row[r] = sums[r];
             }
         }
     for (; j < n; j++)
@@ -280,8 +286,15 @@ static inline __attribute__((always_inline)) void softmax_values(
         int64_t block_size, int64_t len, int64_t heads, float *s, int64_t max_len, float *o, int kv_half) {
     float inv[MAX_GROUP];
     for (int64_t g = 0; g < heads; g++) {  /* softmax numerators in place, and 1 / their sum */
-        float *sg = s + g * max_len, m = -INFINITY;
-        for (int64_t p = 0; p < len; p++) m = sg[p] > m ? sg[p] : m;
+        float *sg = s + g * max_len, m;
+        int64_t pos = 0;
+        __m256 m8 = _mm256_set1_ps(-INFINITY);
+        for (; pos + 8 <= len; pos += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(sg + pos));
+        float lanes[8];
+        _mm256_storeu_ps(lanes, m8);
+        m = lanes[0];  /* the maximum, exact in any order */
+        for (int i = 1; i < 8; i++) m = lanes[i] > m ? lanes[i] : m;
+        for (; pos < len; pos++) m = sg[pos] > m ? sg[pos] : m;
         __m256 mv = _mm256_set1_ps(m), total = _mm256_setzero_ps();
         for (int64_t p = 0; p < len; p += 8) {
             __m256 e = exp8(_mm256_sub_ps(load_part(sg + p, len - p), mv));
