@@ -114,7 +114,7 @@ static inline __attribute__((always_inline)) void block_tile_vnni(const struct i
    the same float ops in the same order as block_tile_vnni, so the same bits. */
 static inline __attribute__((always_inline)) void block_pair_tile(const struct int8_row_args *a, int64_t g,
                                                                   const uint8_t *u, const float *x_scales, int R,
-                                                                  __m512 *acc) {
+                                                                  const int8_t *next, __m512 *acc) {
     const int64_t K = a->K, num_blocks = K / QBLOCK;
     const int8_t *w0 = a->weight + g * GROUP_OUT * K, *w1 = w0 + GROUP_OUT * K;
     const __m512i bytes128 = _mm512_set1_epi8((char)0x80);
@@ -122,6 +122,11 @@ static inline __attribute__((always_inline)) void block_pair_tile(const struct i
     for (int64_t b = 0; b < num_blocks; b++) {
         __m512i sums[BLOCK_TILE_ROWS], offset = _mm512_setzero_si512();
         for (int r = 0; r < R; r++) sums[r] = _mm512_setzero_si512();
+        if (next)  /* the next pair's block b (4 cache lines a group), from memory while this one computes */
+            for (int line = 0; line < QBLOCK * GROUP_OUT; line += 64) {
+                _mm_prefetch((const char *)next + b * QBLOCK * GROUP_OUT + line, _MM_HINT_T0);
+                _mm_prefetch((const char *)next + (num_blocks + b) * QBLOCK * GROUP_OUT + line, _MM_HINT_T0);
+            }
         for (int j = 0; j < QBLOCK / 4; j++) {
             const int64_t at = (b * QBLOCK + 4 * j) * GROUP_OUT;
             const __m256i low = _mm256_loadu_si256((const __m256i *)(w0 + at));
@@ -144,8 +149,8 @@ static inline __attribute__((always_inline)) void block_pair_tile(const struct i
 
 /* block_pair_tile with R as a constant. */
 static void block_pair_tile_any(const struct int8_row_args *a, int64_t g, const int8_t *q, const float *x_scales,
-                                int R, __m512 *acc) {
-    #define TILE(r) case r: block_pair_tile(a, g, (const uint8_t *)q, x_scales, r, acc); break;
+                                int R, const int8_t *next, __m512 *acc) {
+    #define TILE(r) case r: block_pair_tile(a, g, (const uint8_t *)q, x_scales, r, next, acc); break;
     switch (R) { TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) default: TILE(8) }
     #undef TILE
 }
@@ -185,7 +190,9 @@ static void blocks_linear(const float *x, float *out, int64_t M, const struct in
             for (int64_t r0 = 0; r0 < M; r0 += BLOCK_TILE_ROWS) {
                 const int R = M - r0 < BLOCK_TILE_ROWS ? (int)(M - r0) : BLOCK_TILE_ROWS;
                 __m512 acc[BLOCK_TILE_ROWS];
-                block_pair_tile_any(a, g, scratch + r0 * K, x_scales + r0 * num_blocks, R, acc);
+                /* the first row tile fetches the next pair's weights ahead (the thread's next unit) */
+                const int8_t *next = r0 == 0 && unit + 1 < num_pairs ? a->weight + (g + 2) * GROUP_OUT * K : NULL;
+                block_pair_tile_any(a, g, scratch + r0 * K, x_scales + r0 * num_blocks, R, next, acc);
                 for (int r = 0; r < R; r++) {
                     __m512 value = _mm512_mul_ps(acc[r], scales);
                     if (a->bias) value = _mm512_add_ps(value, bias);
