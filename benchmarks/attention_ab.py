@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.kernel_ab import source_at
+from benchmarks.kernel_ab import library_function, source_at
 from tokenforge.model.layers import native
 
 DEFAULT_BATCHES = ("prefill:5x115", "prefill:1x512", "decode:16x170", "decode:64x170", "decode:1x300")
@@ -27,13 +27,7 @@ BLOCK_SIZE = 16
 
 
 def attention_kernel(source: str, build_dir: Path):
-    path = native.build(source, "attention-ab", build_dir)
-    if path is None:
-        raise SystemExit("the kernel library did not build (needs x86-64 with AVX2 and a C compiler)")
-    import ctypes
-    function = ctypes.CDLL(str(path)).paged_attention
-    function.argtypes, function.restype = native._LAYER_SIGNATURES["paged_attention"], None
-    return function
+    return library_function(source, build_dir, "paged_attention", native._LAYER_SIGNATURES["paged_attention"])
 
 
 def make_batch(text: str, heads: tuple[int, int, int]) -> dict:

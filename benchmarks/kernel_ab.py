@@ -42,13 +42,18 @@ def source_at(rev: str | None) -> str:
     return "\n".join(parts)
 
 
-def rows_kernel(source: str, build_dir: Path):
+def library_function(source: str, build_dir: Path, name: str, argtypes: list):
+    """The function `name` of the kernel library built from source (a library per source)."""
     path = native.build(source, "kernel-ab", build_dir)
     if path is None:
         raise SystemExit("the kernel library did not build (needs x86-64 with AVX2 and a C compiler)")
-    function = ctypes.CDLL(str(path)).int8_rows_linear
-    function.argtypes, function.restype = native._INT8_SIGNATURES["int8_rows_linear"], None
+    function = getattr(ctypes.CDLL(str(path)), name)
+    function.argtypes, function.restype = argtypes, None
     return function
+
+
+def rows_kernel(source: str, build_dir: Path):
+    return library_function(source, build_dir, "int8_rows_linear", native._INT8_SIGNATURES["int8_rows_linear"])
 
 
 def measure(kernels: dict, shape: tuple[int, int, int], layer_class, rounds: int) -> dict[str, float]:

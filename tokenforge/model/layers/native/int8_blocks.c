@@ -16,13 +16,13 @@ bits, for any number of rows. Activations: x_scale_b = max(amax_b, 1e-12) / 127,
 x_scale_b) (half to even); vpmaddubsw takes |w| and q with w's sign (a pair sums to at most
 2 * 127 * 127: no int16 saturation).
 
-Where the CPU has AVX-512 VNNI (HAVE_TILES512), block_tile_vnni replaces the three-instruction
-product with one 256-bit vpdpbusd (32 u8 x s8 products summed by four into int32 lanes, no
-saturation): the activation codes as unsigned bytes u = q + 128, so that a block's sum(w q) =
-sum(w u) - 128 sum(w), the last from one vpdpbusd of 0x80 bytes by each weight vector, shared by the
-tile's rows. The same integers, so the same bits; 32 registers give tiles of 8 rows. block_pair_tile
-takes two groups (16 outputs) in 512-bit registers, so that each broadcast of a row's codes serves
-both: 1.2x (1 row) to 1.37x (64 rows) the multiply-adds per second of one group at a time.
+Where the CPU has AVX-512 VNNI (HAVE_TILES512), block_pair_tile replaces the three-instruction
+product with vpdpbusd (u8 x s8 products summed by four into int32 lanes, no saturation): the
+activation codes as unsigned bytes u = q + 128, so that a block's sum(w q) = sum(w u) - 128 sum(w),
+the last from one vpdpbusd of 0x80 bytes by each weight vector, shared by the tile's rows. The same
+integers, so the same bits. It takes two groups (16 outputs) in 512-bit registers, so that each
+broadcast of a row's codes serves both (1.2x at 1 row to 1.37x at 64 rows the multiply-adds per
+second of one group in 256 bits), 8 rows a tile, and fetches the next pair's weights ahead.
 
 Entered from int8_row_linear_packed and int8_rows_linear (digits == BLOCK_DIGITS), so DecodePlan
 runs these layers unchanged. scratch: M * K code bytes, then M * K / QBLOCK floats.
@@ -79,44 +79,16 @@ static void codes_to_unsigned(int8_t *q, int64_t n) {
     }
 }
 
-/* block_tile with vpdpbusd: u holds the rows' codes as unsigned bytes (codes_to_unsigned). */
-static inline __attribute__((always_inline)) void block_tile_vnni(const struct int8_row_args *a, int64_t g,
-                                                                  const uint8_t *u, const float *x_scales, int R,
-                                                                  __m256 *acc) {
-    const int64_t K = a->K, num_blocks = K / QBLOCK;
-    const int8_t *w = a->weight + g * GROUP_OUT * K;
-    const __m256i bytes128 = _mm256_set1_epi8((char)0x80);
-    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
-    for (int64_t b = 0; b < num_blocks; b++) {
-        __m256i sums[BLOCK_TILE_ROWS], offset = _mm256_setzero_si256();
-        for (int r = 0; r < R; r++) sums[r] = _mm256_setzero_si256();
-        for (int j = 0; j < QBLOCK / 4; j++) {
-            const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + (b * QBLOCK + 4 * j) * GROUP_OUT));
-            DPBUSD(offset, bytes128, wv);
-            for (int r = 0; r < R; r++) {
-                int32_t four;
-                __builtin_memcpy(&four, u + r * K + b * QBLOCK + 4 * j, 4);
-                DPBUSD(sums[r], _mm256_set1_epi32(four), wv);
-            }
-        }
-        for (int r = 0; r < R; r++) {
-            const __m256 x_scale = _mm256_set1_ps(x_scales[r * num_blocks + b]);
-            const __m256i isum = _mm256_sub_epi32(sums[r], offset);
-            acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(_mm256_cvtepi32_ps(isum), x_scale));
-        }
-    }
-}
-#endif
-
-#if HAVE_TILES512
-/* block_tile_vnni for the two groups g and g + 1 (16 adjacent outputs) in 512-bit registers: each
-   row's four codes are broadcast once for both groups' weights. Per lane the same integer sums and
-   the same float ops in the same order as block_tile_vnni, so the same bits. */
+/* block_tile with vpdpbusd, for the two groups g and g + 1 (16 adjacent outputs; g alone, in both
+   halves, where pair is 0) in 512-bit registers: each row's four codes are broadcast once for both
+   groups' weights. u holds the rows' codes as unsigned bytes (codes_to_unsigned), so each block's
+   sums are corrected by the offset sum(0x80 * w); the same integers as block_tile's, and per lane
+   the same float ops in the same order, so the same bits. */
 static inline __attribute__((always_inline)) void block_pair_tile(const struct int8_row_args *a, int64_t g,
-                                                                  const uint8_t *u, const float *x_scales, int R,
-                                                                  const int8_t *next, __m512 *acc) {
+                                                                  int pair, const uint8_t *u, const float *x_scales,
+                                                                  int R, const int8_t *next, __m512 *acc) {
     const int64_t K = a->K, num_blocks = K / QBLOCK;
-    const int8_t *w0 = a->weight + g * GROUP_OUT * K, *w1 = w0 + GROUP_OUT * K;
+    const int8_t *w0 = a->weight + g * GROUP_OUT * K, *w1 = pair ? w0 + GROUP_OUT * K : w0;
     const __m512i bytes128 = _mm512_set1_epi8((char)0x80);
     for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
     for (int64_t b = 0; b < num_blocks; b++) {
@@ -148,24 +120,19 @@ static inline __attribute__((always_inline)) void block_pair_tile(const struct i
 }
 
 /* block_pair_tile with R as a constant. */
-static void block_pair_tile_any(const struct int8_row_args *a, int64_t g, const int8_t *q, const float *x_scales,
-                                int R, const int8_t *next, __m512 *acc) {
-    #define TILE(r) case r: block_pair_tile(a, g, (const uint8_t *)q, x_scales, r, next, acc); break;
+static void block_pair_tile_any(const struct int8_row_args *a, int64_t g, int pair, const int8_t *q,
+                                const float *x_scales, int R, const int8_t *next, __m512 *acc) {
+    #define TILE(r) case r: block_pair_tile(a, g, pair, (const uint8_t *)q, x_scales, r, next, acc); break;
     switch (R) { TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) default: TILE(8) }
     #undef TILE
 }
 #endif
 
-/* block_tile (block_tile_vnni where built, q then as unsigned bytes) with R as a constant. */
+/* block_tile with R as a constant. */
 static void block_tile_any(const struct int8_row_args *a, int64_t g, const int8_t *q, const float *x_scales, int R,
                            __m256 *acc) {
-#if HAVE_TILES512
-    #define TILE(r) case r: block_tile_vnni(a, g, (const uint8_t *)q, x_scales, r, acc); break;
-    switch (R) { TILE(1) TILE(2) TILE(3) TILE(4) TILE(5) TILE(6) TILE(7) default: TILE(8) }
-#else
     #define TILE(r) case r: block_tile(a, g, q, x_scales, r, acc); break;
     switch (R) { TILE(1) TILE(2) TILE(3) default: TILE(4) }
-#endif
     #undef TILE
 }
 
@@ -178,31 +145,32 @@ static void blocks_linear(const float *x, float *out, int64_t M, const struct in
 #if HAVE_TILES512
     codes_to_unsigned(scratch, M * K);
 #endif
-    /* units of work: where built, pairs of groups (block_pair_tile), an odd last group alone */
-    const int64_t num_groups = N / GROUP_OUT, num_pairs = HAVE_TILES512 ? num_groups / 2 : 0;
-    #pragma omp parallel for num_threads(a->num_threads) schedule(static)
-    for (int64_t unit = 0; unit < num_groups - num_pairs; unit++) {
 #if HAVE_TILES512
-        if (unit < num_pairs) {
-            const int64_t g = 2 * unit;
-            const __m512 scales = _mm512_loadu_ps(a->scales + g * GROUP_OUT);
-            const __m512 bias = a->bias ? _mm512_loadu_ps(a->bias + g * GROUP_OUT) : _mm512_setzero_ps();
-            for (int64_t r0 = 0; r0 < M; r0 += BLOCK_TILE_ROWS) {
-                const int R = M - r0 < BLOCK_TILE_ROWS ? (int)(M - r0) : BLOCK_TILE_ROWS;
-                __m512 acc[BLOCK_TILE_ROWS];
-                /* the first row tile fetches the next pair's weights ahead (the thread's next unit) */
-                const int8_t *next = r0 == 0 && unit + 1 < num_pairs ? a->weight + (g + 2) * GROUP_OUT * K : NULL;
-                block_pair_tile_any(a, g, scratch + r0 * K, x_scales + r0 * num_blocks, R, next, acc);
-                for (int r = 0; r < R; r++) {
-                    __m512 value = _mm512_mul_ps(acc[r], scales);
-                    if (a->bias) value = _mm512_add_ps(value, bias);
-                    _mm512_storeu_ps(out + (r0 + r) * N + g * GROUP_OUT, value);
-                }
+    /* pairs of groups (an odd last group alone), each thread its run of them */
+    const int64_t num_groups = N / GROUP_OUT, num_units = (num_groups + 1) / 2;
+    #pragma omp parallel for num_threads(a->num_threads) schedule(static)
+    for (int64_t unit = 0; unit < num_units; unit++) {
+        const int64_t g = 2 * unit;
+        const int pair = g + 1 < num_groups;
+        const __mmask16 lanes = pair ? 0xffff : 0xff;
+        const __m512 scales = _mm512_maskz_loadu_ps(lanes, a->scales + g * GROUP_OUT);
+        const __m512 bias = a->bias ? _mm512_maskz_loadu_ps(lanes, a->bias + g * GROUP_OUT) : _mm512_setzero_ps();
+        for (int64_t r0 = 0; r0 < M; r0 += BLOCK_TILE_ROWS) {
+            const int R = M - r0 < BLOCK_TILE_ROWS ? (int)(M - r0) : BLOCK_TILE_ROWS;
+            __m512 acc[BLOCK_TILE_ROWS];
+            /* the first row tile fetches the next pair's weights ahead (the thread's next unit) */
+            const int8_t *next = r0 == 0 && g + 3 < num_groups ? a->weight + (g + 2) * GROUP_OUT * K : NULL;
+            block_pair_tile_any(a, g, pair, scratch + r0 * K, x_scales + r0 * num_blocks, R, next, acc);
+            for (int r = 0; r < R; r++) {
+                __m512 value = _mm512_mul_ps(acc[r], scales);
+                if (a->bias) value = _mm512_add_ps(value, bias);
+                _mm512_mask_storeu_ps(out + (r0 + r) * N + g * GROUP_OUT, lanes, value);
             }
-            continue;
         }
-#endif
-        const int64_t g = unit + num_pairs;  /* the groups after the pairs' */
+    }
+#else
+    #pragma omp parallel for num_threads(a->num_threads) schedule(static)
+    for (int64_t g = 0; g < N / GROUP_OUT; g++) {
         const __m256 scales = _mm256_loadu_ps(a->scales + g * GROUP_OUT);
         const __m256 bias = a->bias ? _mm256_loadu_ps(a->bias + g * GROUP_OUT) : _mm256_setzero_ps();
         for (int64_t r0 = 0; r0 < M; r0 += BLOCK_TILE_ROWS) {
@@ -216,4 +184,5 @@ static void blocks_linear(const float *x, float *out, int64_t M, const struct in
             }
         }
     }
+#endif
 }
