@@ -138,31 +138,52 @@ static inline __m256 reduce8(const __m256 *acc) {
     return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
 }
 
-/* Where 32 vector registers hold 3 heads' 8 accumulators each (AVX-512VL), each key vector is
-   converted once for up to SCORE_HEADS query heads; per head the operations are the same. */
-#if defined(__AVX512VL__)
+/* The scores of up to SCORE_HEADS query heads of a KV head are computed together, each key vector
+   converted once for all of them: 8 keys at a time where 32 vector registers hold 3 heads' 8
+   accumulators (AVX-512VL), else 4 at a time (12 of the 16 registers). Per head and key the
+   operations are the same either way (reduce4 adds the lanes as reduce8 does), so the bits are too. */
 #define SCORE_HEADS 3
+#if defined(__AVX512VL__)
+#define SCORE_KEYS 8
 #else
-#define SCORE_HEADS 1
+#define SCORE_KEYS 4
 #endif
 
-/* q_h . k_r for NH <= SCORE_HEADS query heads (q_h = q + h * D) and the 8 key rows k_r = k + r * D
-   elements (D a multiple of 8): per head 8 accumulators of fused multiply-adds over D in order, then
-   reduce8, into out[h]. NH is a constant where it is inlined. */
-static inline __attribute__((always_inline)) void dot8_kv(const float *q, const char *k, int64_t D, int64_t elem,
-                                                          int kv_half, int NH, __m256 *out) {
+/* q_h . k_r * scale for NH <= SCORE_HEADS query heads (q_h = q + h * D) and the KEYS (8 or 4) key
+   rows k_r = k + r * D elements (D a multiple of 8): per head KEYS accumulators of fused
+   multiply-adds over D in order, then the transpose-reduce, into out[h * 8 + r]. NH and KEYS are
+   constants where it is inlined. */
+static inline __attribute__((always_inline)) void dot_keys_kv(const float *q, const char *k, int64_t D, int64_t elem,
+                                                              int kv_half, int NH, int KEYS, float scale,
+                                                              float *out) {
     __m256 acc[SCORE_HEADS][8];
     for (int h = 0; h < NH; h++)
-        for (int r = 0; r < 8; r++) acc[h][r] = _mm256_setzero_ps();
+        for (int r = 0; r < KEYS; r++) acc[h][r] = _mm256_setzero_ps();
     for (int64_t i = 0; i < D; i += 8) {
         __m256 qv[SCORE_HEADS];
         for (int h = 0; h < NH; h++) qv[h] = _mm256_loadu_ps(q + h * D + i);
-        for (int r = 0; r < 8; r++) {
+        for (int r = 0; r < KEYS; r++) {
             const __m256 kv = load_kv(k + r * D * elem, i, kv_half);
             for (int h = 0; h < NH; h++) acc[h][r] = _mm256_fmadd_ps(qv[h], kv, acc[h][r]);
         }
     }
-    for (int h = 0; h < NH; h++) out[h] = reduce8(acc[h]);
+    for (int h = 0; h < NH; h++) {
+        if (KEYS == 8) {
+            _mm256_storeu_ps(out + h * 8, _mm256_mul_ps(reduce8(acc[h]), _mm256_set1_ps(scale)));
+        } else {  /* reduce8's sums for 4 rows: the low half's lanes plus the high half's */
+            const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(acc[h][0], acc[h][1]), _mm256_hadd_ps(acc[h][2], acc[h][3]));
+            const __m128 sums = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+            _mm_storeu_ps(out + h * 8, _mm_mul_ps(sums, _mm_set1_ps(scale)));
+        }
+    }
+}
+
+/* dot_keys_kv of 8 keys (two calls of 4 where SCORE_KEYS is 4) with NH a constant. */
+static inline __attribute__((always_inline)) void dot8_heads_kv(const float *q, const char *k, int64_t D,
+                                                                int64_t elem, int kv_half, int NH, float scale,
+                                                                float *out) {
+    for (int r0 = 0; r0 < 8; r0 += SCORE_KEYS)
+        dot_keys_kv(q, k + r0 * D * elem, D, elem, kv_half, NH, SCORE_KEYS, scale, out + r0);
 }
 
 /* The cache of one layer: [num_blocks, 2 (k, v), Hkv, block_size, D] elements. A head's keys (values)
@@ -254,24 +275,16 @@ static inline __attribute__((always_inline)) void block_scores(
     for (; j + 8 <= block_size && j < n; j += 8)
         for (int64_t g = 0; g < heads; g += SCORE_HEADS) {
             const int nh = heads - g < SCORE_HEADS ? (int)(heads - g) : SCORE_HEADS;
-            __m256 dots[SCORE_HEADS];
+            float dots[SCORE_HEADS * 8];
             const char *kj = k + j * D * elem;
-#if SCORE_HEADS == 3
-            if (nh == 3) dot8_kv(qh + g * D, kj, D, elem, kv_half, 3, dots);
-            else if (nh == 2) dot8_kv(qh + g * D, kj, D, elem, kv_half, 2, dots);
-            else
-#endif
-                dot8_kv(qh + g * D, kj, D, elem, kv_half, 1, dots);
+            if (nh == 3) dot8_heads_kv(qh + g * D, kj, D, elem, kv_half, 3, scale, dots);
+            else if (nh == 2) dot8_heads_kv(qh + g * D, kj, D, elem, kv_half, 2, scale, dots);
+            else dot8_heads_kv(qh + g * D, kj, D, elem, kv_half, 1, scale, dots);
             for (int h = 0; h < nh; h++) {
-                const __m256 scaled = _mm256_mul_ps(dots[h], _mm256_set1_ps(scale));
                 float *row = s + (g + h) * max_len + b0 + j;
-                if (j + 8 <= n) {
-                    _mm256_storeu_ps(row, scaled);
-                    continue;
-                }
-                float sums[8];
-                _mm256_storeu_ps(sums, scaled);
-                for (int64_t r = 0; j + r < n; r++) row[r] = sums[r];
+                if (j + 8 <= n) _mm256_storeu_ps(row, _mm256_loadu_ps(dots + h * 8));
+                else
+                    for (int64_t r = 0; j + r < n; r++) row[r] = dots[h * 8 + r];
             }
         }
     for (; j < n; j++)
