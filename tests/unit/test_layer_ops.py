@@ -76,7 +76,7 @@ def test_rotary_write_kv_matches_torch(cache_dtype):
 def attention(q, cache, chunks, native: bool) -> torch.Tensor:
     meta = build_batch(chunks, cache.shape[3], torch.device("cpu")).meta
     if not native:
-        meta = dataclasses.replace(meta, num_short_tokens=0)  # every token on the torch path
+        meta = dataclasses.replace(meta, num_native_tokens=0)  # every token on the torch path
     k = v = torch.empty(0)  # unused: the cache holds every chunk's K/V already
     return paged_attention(q, k, v, cache, meta, 0.125)
 

@@ -97,19 +97,19 @@ class DecodePlan:
         """x: [num_tokens, hidden] embedded tokens, updated in place to the residual stream before the
         last layer's MLP output; returns that output (the caller adds it and norms)."""
         cos, sin = rope
-        tables = meta.short_block_tables
+        tables = meta.native_block_tables
         threads = torch.get_num_threads()
-        scores = torch.empty(threads * self.num_heads * meta.max_short_len)
+        scores = torch.empty(threads * self.num_heads * meta.max_native_len)
         delta = torch.empty_like(x)
         self.model.block_size = kv_caches.shape[4]  # [num_layers, *kv_cache_shape(...)]
         step = self.step
         step.kv_caches, step.layer_stride = kv_caches.data_ptr(), kv_caches.stride(0)
         step.cos, step.sin = cos.data_ptr(), sin.data_ptr()
         step.slots, step.tables = meta.slot_mapping.data_ptr(), tables.data_ptr()
-        step.seq, step.lens = meta.short_token_seq.data_ptr(), meta.short_token_lens.data_ptr()
+        step.seq, step.lens = meta.native_token_seq.data_ptr(), meta.native_token_lens.data_ptr()
         step.table_width, step.scores, step.num_threads = tables.shape[1], scores.data_ptr(), threads
         step.kv_half = kv_caches.dtype == torch.float16
-        step.num_rows, step.max_len = x.shape[0], meta.max_short_len
+        step.num_rows, step.max_len = x.shape[0], meta.max_native_len
         for call in self.row_args:
             if call.args.num_threads != threads:
                 call.args.num_threads = threads
@@ -124,5 +124,5 @@ def _linears(layer) -> tuple:
 def fits_step(x: torch.Tensor, kv_caches: torch.Tensor, meta) -> bool:
     """Up to MAX_PLAN_ROWS_C tokens (the plan's max_rows decides), all of them for the native
     attention, fp32 on the CPU, no autograd, a cache the native kernels take."""
-    return (x.shape[0] <= MAX_PLAN_ROWS_C and meta.num_short_tokens == x.shape[0] and x.dtype == torch.float32
+    return (x.shape[0] <= MAX_PLAN_ROWS_C and meta.num_native_tokens == x.shape[0] and x.dtype == torch.float32
             and x.is_cpu and native_kv_cache(kv_caches) and not torch.is_grad_enabled())

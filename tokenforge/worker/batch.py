@@ -43,9 +43,9 @@ def build_batch(chunks: list[SequenceChunk], block_size: int, device: torch.devi
     decode_lens: list[int] = []
     prefills: list[tuple[int, int, int]] = []
     prefill_block_ids: list[torch.Tensor] = []
-    short_tables: list[list[int]] = []
-    short_seq: list[int] = []
-    short_lens: list[int] = []
+    native_tables: list[list[int]] = []
+    native_seq: list[int] = []
+    native_lens: list[int] = []
     for i in order:
         chunk = chunks[i]
         n, start, block_ids = len(chunk.token_ids), chunk.start, chunk.block_ids
@@ -54,9 +54,9 @@ def build_batch(chunks: list[SequenceChunk], block_size: int, device: torch.devi
         input_ids.extend(chunk.token_ids)
         positions.extend(range(start, end))
         slots.extend(block_ids[p // block_size] * block_size + p % block_size for p in range(start, end))
-        short_seq.extend([len(short_tables)] * n)
-        short_lens.extend(range(start + 1, end + 1))
-        short_tables.append(block_ids[: cdiv(end, block_size)])
+        native_seq.extend([len(native_tables)] * n)
+        native_lens.extend(range(start + 1, end + 1))
+        native_tables.append(block_ids[: cdiv(end, block_size)])
         if n == 1:
             decode_tables.append(block_ids[: cdiv(end, block_size)])
             decode_lens.append(end)
@@ -73,11 +73,11 @@ def build_batch(chunks: list[SequenceChunk], block_size: int, device: torch.devi
         decode_mask=_decode_mask(decode_lens, block_size, device),
         prefills=prefills,
         prefill_block_ids=prefill_block_ids,
-        num_short_tokens=len(short_seq),
-        short_block_tables=_pad_tables(short_tables, device),
-        short_token_seq=as_tensor(short_seq),
-        short_token_lens=as_tensor(short_lens),
-        max_short_len=max(short_lens, default=0),
+        num_native_tokens=len(native_seq),
+        native_block_tables=_pad_tables(native_tables, device),
+        native_token_seq=as_tensor(native_seq),
+        native_token_lens=as_tensor(native_lens),
+        max_native_len=max(native_lens, default=0),
     )
     return ForwardBatch(as_tensor(input_ids), as_tensor(positions), meta, as_tensor(logits_indices), logits_rows)
 

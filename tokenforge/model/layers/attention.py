@@ -45,14 +45,13 @@ class AttentionMetadata:
     # Prefill sequences: (first query token index, number of query tokens, context length).
     prefills: list[tuple[int, int, int]]
     prefill_block_ids: list[torch.Tensor]  # per prefill sequence: its block ids [num_blocks]
-    # For the native kernel, every token [0, num_short_tokens) (decodes first), each with the row of
-    # its sequence in short_block_tables and how many positions it sees. ("short": once only the
-    # chunks of up to 16 tokens went there.)
-    num_short_tokens: int = 0
-    short_block_tables: torch.Tensor | None = None  # [num_short_sequences, max_num_blocks] int64
-    short_token_seq: torch.Tensor | None = None  # [num_short_tokens] int64
-    short_token_lens: torch.Tensor | None = None  # [num_short_tokens] int64
-    max_short_len: int = 0
+    # For the native kernel, every token [0, num_native_tokens) (decodes first), each with the row of
+    # its sequence in native_block_tables and how many positions it sees.
+    num_native_tokens: int = 0
+    native_block_tables: torch.Tensor | None = None  # [num_native_sequences, max_num_blocks] int64
+    native_token_seq: torch.Tensor | None = None  # [num_native_tokens] int64
+    native_token_lens: torch.Tensor | None = None  # [num_native_tokens] int64
+    max_native_len: int = 0
 
 
 def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int) -> tuple[int, ...]:
@@ -95,10 +94,10 @@ def paged_attention(
     num_kv_heads, head_dim = kv_cache.shape[2], kv_cache.shape[4]
     first_prefill = 0
     ops = layer_ops()
-    if (ops is not None and meta.num_short_tokens and runs_native(q) and native_kv_cache(kv_cache)
+    if (ops is not None and meta.num_native_tokens and runs_native(q) and native_kv_cache(kv_cache)
             and native_attention_fits(q.shape[1], num_kv_heads, head_dim)):
         _native_attention(ops, q, kv_cache, meta, scale, out)
-        first_prefill = meta.num_short_tokens
+        first_prefill = meta.num_native_tokens
     d = 0 if first_prefill else meta.num_decodes
     if d:
         # One gather for K and V: [num_decodes, 2, num_kv_heads, max_num_blocks * block_size, head_dim]
@@ -131,15 +130,15 @@ def paged_attention(
 
 def _native_attention(ops, q: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata, scale: float,
                       out: torch.Tensor) -> None:
-    """The first meta.num_short_tokens queries, over the cache in place, into out."""
+    """The first meta.num_native_tokens queries, over the cache in place, into out."""
     num_heads, head_dim = q.shape[1:]
     num_kv_heads, block_size = kv_cache.shape[2], kv_cache.shape[3]
     if q.stride(2) != 1 or q.stride(1) != head_dim:
         q = q.contiguous()
     threads = torch.get_num_threads()
-    tables = meta.short_block_tables
-    scores = torch.empty(threads * num_heads * meta.max_short_len, dtype=torch.float32)
-    ops.paged_attention(q.data_ptr(), q.stride(0), meta.num_short_tokens, num_heads, num_kv_heads, head_dim,
+    tables = meta.native_block_tables
+    scores = torch.empty(threads * num_heads * meta.max_native_len, dtype=torch.float32)
+    ops.paged_attention(q.data_ptr(), q.stride(0), meta.num_native_tokens, num_heads, num_kv_heads, head_dim,
                         kv_cache.data_ptr(), kv_cache.dtype == torch.float16, block_size, tables.data_ptr(),
-                        tables.shape[1], meta.short_token_seq.data_ptr(), meta.short_token_lens.data_ptr(), scale,
-                        out.data_ptr(), scores.data_ptr(), meta.max_short_len, threads)
+                        tables.shape[1], meta.native_token_seq.data_ptr(), meta.native_token_lens.data_ptr(), scale,
+                        out.data_ptr(), scores.data_ptr(), meta.max_native_len, threads)

@@ -144,8 +144,6 @@ static void blocks_linear(const float *x, float *out, int64_t M, const struct in
     int8_quantize_rows(x, M * num_blocks, QBLOCK, 1, scratch, x_scales, a->num_threads);
 #if HAVE_TILES512
     codes_to_unsigned(scratch, M * K);
-#endif
-#if HAVE_TILES512
     /* pairs of groups (an odd last group alone), each thread its run of them */
     const int64_t num_groups = N / GROUP_OUT, num_units = (num_groups + 1) / 2;
     #pragma omp parallel for num_threads(a->num_threads) schedule(static)
